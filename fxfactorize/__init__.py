@@ -1,0 +1,41 @@
+"""fxfactorize: a torch.fx pass that factorizes Linear/Conv layers into cheaper low-rank pairs.
+
+>>> import torch, fxfactorize as ff
+>>> model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU())
+>>> gm = ff.transform(model, torch.randn(2, 512), progress=False)
+>>> gm.meta["fxfactorize"].factorized[0].rank
+128
+"""
+
+import logging
+
+from fxfactorize.api import plan, transform
+from fxfactorize.config import FactorizeConfig
+from fxfactorize.core.solution import LowRankSolution
+from fxfactorize.errors import FactorizeError, ShapePropagationError, TraceError
+from fxfactorize.modules.factorized import (
+    FactorizedConv2d,
+    FactorizedLinear,
+    factorizing_could_speedup,
+)
+from fxfactorize.report import LayerRecord, Plan, Report
+
+logging.getLogger("fxfactorize").addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FactorizeConfig",
+    "FactorizeError",
+    "FactorizedConv2d",
+    "FactorizedLinear",
+    "LayerRecord",
+    "LowRankSolution",
+    "Plan",
+    "Report",
+    "ShapePropagationError",
+    "TraceError",
+    "factorizing_could_speedup",
+    "plan",
+    "transform",
+]

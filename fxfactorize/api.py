@@ -1,0 +1,114 @@
+"""`transform` and `plan`: the pipeline's passes composed, and nothing else."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from torch import fx, nn
+
+from fxfactorize.config import FactorizeConfig
+from fxfactorize.passes.cost import annotate_costs
+from fxfactorize.passes.plan import plan_graph
+from fxfactorize.passes.rewrite import replace_submodule, rewrite
+from fxfactorize.passes.shapes import propagate_shapes
+from fxfactorize.passes.solve import solve_plan
+from fxfactorize.passes.trace import trace
+from fxfactorize.report import Plan, Report
+
+__all__ = ["plan", "transform"]
+
+log = logging.getLogger("fxfactorize")
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+
+
+def _analyse(model: nn.Module, example_inputs: Any, config: FactorizeConfig) -> tuple[fx.GraphModule, Plan]:
+    gm = trace(model)
+    annotate_costs(propagate_shapes(gm, example_inputs))
+    return gm, plan_graph(gm, config)
+
+
+def plan(
+    model: nn.Module, example_inputs: Any, *, config: FactorizeConfig | None = None, **overrides: Any
+) -> Plan:
+    """What :func:`transform` would do to ``model``, without solving anything.
+
+    ``print(plan(...))`` shows, per Linear/Conv layer, its shape, the chosen rank and the MACs and
+    parameters before/after, or the reason it is left alone. ``model`` is not changed.
+
+    >>> import torch
+    >>> model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    >>> p = plan(model, torch.randn(4, 512))
+    >>> [(r.node, r.rank) for r in p.layers]
+    [('0', 128), ('2', None)]
+    """
+    _check_model(model)
+    config = FactorizeConfig.build(config, **overrides)
+    return _analyse(model, example_inputs, config)[1]
+
+
+def transform(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    calibration: Any = None,
+    config: FactorizeConfig | None = None,
+    optimizers: Any = None,
+    inplace: bool = False,
+    **overrides: Any,
+) -> fx.GraphModule:
+    """Factorize the Linear/Conv layers of ``model`` where that reduces the work.
+
+    ``model`` is traced with torch.fx, shapes are propagated with ``example_inputs`` (a tensor, a
+    tuple of positional inputs or a dict of keyword inputs), each layer is planned (see
+    :func:`plan`), solved (truncated SVD of the weight), and swapped for a factorized pair. The
+    returned ``GraphModule`` carries a :class:`~fxfactorize.report.Report` as
+    ``gm.meta["fxfactorize"]``.
+
+    Args:
+        model: the model; deep-copied first unless ``inplace=True``.
+        example_inputs: inputs for one forward pass, used for shapes and MAC counts.
+        calibration: reserved for data-aware solving (not supported yet).
+        config: a :class:`FactorizeConfig`; ``**overrides`` replace its fields.
+        optimizers: reserved for optimizer updates (not supported yet).
+        inplace: factorize ``model``'s own modules instead of a copy.
+
+    >>> import torch
+    >>> model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    >>> gm = transform(model, torch.randn(4, 512), progress=False)
+    >>> type(gm.get_submodule("0")).__name__, gm(torch.randn(4, 512)).shape
+    ('FactorizedLinear', torch.Size([4, 10]))
+    """
+    _check_model(model)
+    config = FactorizeConfig.build(config, **overrides)
+    if calibration is not None or optimizers is not None:
+        raise NotImplementedError("calibration and optimizers are not supported yet")
+    started = time.perf_counter()
+    working = model if inplace else copy.deepcopy(model)
+    gm, the_plan = _analyse(working, example_inputs, config)
+    solved = solve_plan(gm, the_plan, progress=config.progress)
+    replacements = {target: result.module for target, result in solved.items()}
+    rewrite(gm, replacements)
+    if inplace:
+        for target, module in replacements.items():
+            replace_submodule(model, target, module)
+    records = []
+    for record in the_plan.layers:
+        result = solved.get(record.target)
+        if result is not None:
+            record = dataclasses.replace(
+                record, nmse=result.nmse, nmse_source=result.nmse_source,
+                params_after=sum(p.numel() for p in result.module.parameters()),
+            )
+        records.append(record)
+    report = Report(records, config, seconds=time.perf_counter() - started)
+    gm.meta["fxfactorize"] = report
+    log.info("%s", report.summary())
+    return gm

@@ -1,0 +1,125 @@
+"""`FactorizeConfig`: every knob of the pass, validated once, in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any
+
+__all__ = ["FactorizeConfig", "resolve_latent_size", "validate_latent_size"]
+
+
+def validate_latent_size(value: Any, name: str) -> int | float:
+    """Check a latent size: an int ≥ 1 (a rank) or a float in (0, 1) (a fraction).
+
+    >>> validate_latent_size(0.25, "latent_channels")
+    0.25
+    >>> validate_latent_size(0, "latent_features")
+    Traceback (most recent call last):
+    ...
+    ValueError: latent_features must be an int >= 1 (a rank) or a float in (0, 1) (a fraction of min(in, out)); got 0
+    """
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    is_fraction = isinstance(value, float) and 0.0 < value < 1.0
+    if (is_int and value >= 1) or is_fraction:
+        return int(value) if is_int else float(value)
+    raise ValueError(
+        f"{name} must be an int >= 1 (a rank) or a float in (0, 1) "
+        f"(a fraction of min(in, out)); got {value!r}"
+    )
+
+
+def resolve_latent_size(latent_size: int | float, in_size: int, out_size: int) -> int:
+    """Turn a latent size into a rank for a layer with ``in_size`` inputs and ``out_size`` outputs.
+
+    A float is a fraction of ``min(in_size, out_size)``, rounded down, at least 1 (Composer's rule).
+
+    >>> resolve_latent_size(0.25, 512, 2048)
+    128
+    >>> resolve_latent_size(96, 512, 2048)
+    96
+    """
+    latent_size = validate_latent_size(latent_size, "latent_size")
+    if isinstance(latent_size, float):
+        return max(1, int(latent_size * min(in_size, out_size)))
+    return latent_size
+
+
+def _validate_min_size(value: Any, name: str) -> int:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    raise ValueError(f"{name} must be an int >= 0; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorizeConfig:
+    """What to factorize and how.
+
+    Defaults are those of Composer's ``Factorize`` algorithm.
+
+    Args:
+        linears: factorize ``nn.Linear`` layers.
+        convs: factorize convolution layers.
+        min_features: a Linear is left alone unless ``min(in, out) >= min_features``.
+        latent_features: rank of factorized Linear layers (int ≥ 1) or fraction of
+            ``min(in, out)`` (float in (0, 1)).
+        min_channels: a conv is left alone unless ``min(in_channels, out_channels) >= min_channels``.
+        latent_channels: rank (latent channels) of factorized convs, int or fraction as above.
+        method: the factorization method, a name registered in :mod:`fxfactorize.methods`.
+        progress: show tqdm progress bars for long work.
+
+    >>> FactorizeConfig(latent_features=64).latent_features
+    64
+    >>> FactorizeConfig(min_channels=-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: min_channels must be an int >= 0; got -1
+    """
+
+    linears: bool = True
+    convs: bool = True
+    min_features: int = 256
+    latent_features: int | float = 128
+    min_channels: int = 256
+    latent_channels: int | float = 0.25
+    method: str = "lowrank"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("linears", "convs", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
+        for name in ("min_features", "min_channels"):
+            object.__setattr__(self, name, _validate_min_size(getattr(self, name), name))
+        for name in ("latent_features", "latent_channels"):
+            object.__setattr__(self, name, validate_latent_size(getattr(self, name), name))
+        if not isinstance(self.method, str):
+            raise ValueError(f"method must be a str naming a registered method; got {self.method!r}")
+
+    def replace(self, **overrides: Any) -> FactorizeConfig:
+        """A copy with some fields changed; unknown names are a ``TypeError`` naming them.
+
+        >>> FactorizeConfig().replace(latent_features=0.1).latent_features
+        0.1
+        """
+        known = {field.name for field in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown FactorizeConfig option(s): {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def build(cls, config: FactorizeConfig | None = None, **overrides: Any) -> FactorizeConfig:
+        """``config`` (or the defaults) with ``overrides`` applied; how `transform` reads its kwargs.
+
+        >>> FactorizeConfig.build(None, min_features=64).min_features
+        64
+        """
+        if config is None:
+            config = cls()
+        elif not isinstance(config, cls):
+            raise TypeError(f"config must be a FactorizeConfig; got {type(config).__name__}")
+        return config.replace(**overrides) if overrides else config

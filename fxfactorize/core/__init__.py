@@ -1,0 +1,1 @@
+"""Closed-form low-rank solvers and the Composer-compatible solver API."""

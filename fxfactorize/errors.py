@@ -1,0 +1,35 @@
+"""Exceptions raised by fxfactorize; each names what the caller has to fix."""
+
+from __future__ import annotations
+
+__all__ = ["FactorizeError", "ShapePropagationError", "TraceError"]
+
+
+class FactorizeError(RuntimeError):
+    """Base class of the errors fxfactorize raises about a model (not about an argument)."""
+
+
+class TraceError(FactorizeError):
+    """``torch.fx.symbolic_trace`` could not trace a module.
+
+    ``module_class`` is the class of the module that failed and ``reason`` torch.fx's own message.
+    """
+
+    def __init__(self, module_class: str, reason: str, qualified_name: str = "") -> None:
+        self.module_class = module_class
+        self.reason = reason
+        self.qualified_name = qualified_name
+        where = f" at {qualified_name!r}" if qualified_name else ""
+        super().__init__(f"cannot trace {module_class}{where} with torch.fx: {reason}")
+
+
+class ShapePropagationError(FactorizeError):
+    """Running the example inputs through the traced graph failed at one node."""
+
+    def __init__(self, node_name: str, target: str, reason: str) -> None:
+        self.node_name = node_name
+        self.target = target
+        self.reason = reason
+        super().__init__(
+            f"shape propagation failed at graph node {node_name!r} (target {target}): {reason}"
+        )

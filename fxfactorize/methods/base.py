@@ -1,0 +1,69 @@
+"""The method interface and its registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+from torch import nn
+
+from fxfactorize.core.moments import InputMoments
+from fxfactorize.passes.cost import LayerShape
+
+__all__ = ["Method", "Solved", "get_method", "register_method", "registered_methods"]
+
+
+@dataclasses.dataclass
+class Solved:
+    """A solved replacement: the module to put in place and the error it makes."""
+
+    module: nn.Module
+    nmse: float
+    nmse_source: str  # "weights" or "calibration"
+    bias: bool  # whether the replacement carries an output bias
+
+
+class Method(Protocol):
+    """What a factorization method provides to the pipeline."""
+
+    name: str
+
+    def accepts(self, layer: LayerShape) -> str | None:
+        """``None`` if this method can factorize ``layer``, else the reason it cannot."""
+
+    def cost(self, layer: LayerShape, rank: int) -> tuple[int, int]:
+        """``(MACs, params)`` of the replacement at ``rank``."""
+
+    def solve(
+        self, module: nn.Module, layer: LayerShape, rank: int, moments: InputMoments | None
+    ) -> Solved:
+        """Build the replacement of ``module`` at ``rank`` (data-aware when ``moments`` is given)."""
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add ``method`` to the registry under ``method.name`` (replacing any earlier one)."""
+    _REGISTRY[method.name] = method
+    return method
+
+
+def registered_methods() -> list[str]:
+    """Names of the registered methods."""
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    """The handler registered as ``name``; ``ValueError`` naming the choices otherwise.
+
+    >>> import fxfactorize.methods
+    >>> get_method("lowrank").name
+    'lowrank'
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"method must be one of {registered_methods()}; got {name!r}"
+        ) from None

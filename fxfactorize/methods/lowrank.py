@@ -1,0 +1,88 @@
+"""The rank-r pair: ``W ≈ B A`` as two ordinary layers (Composer's factorization)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fxfactorize.core.lowrank import factorize_weight
+from fxfactorize.core.moments import InputMoments
+from fxfactorize.core.solution import LowRankSolution
+from fxfactorize.methods.base import Solved
+from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedLinear
+from fxfactorize.passes.cost import LayerShape
+
+__all__ = ["LowRankMethod", "grouped_weight", "solution_from_factors"]
+
+
+def grouped_weight(module: nn.Module) -> tuple:
+    """``(weight [G, M_g, D_g], bias)`` of a Linear, a Conv2d or an existing factorized pair."""
+    if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
+        first, second = module.module0.weight, module.module1.weight
+        groups = module.groups
+        rank_g = first.shape[0] // groups
+        a = first.reshape(groups, rank_g, -1)
+        b = second.reshape(groups, -1, rank_g)
+        return b @ a, module.module1.bias
+    weight = module.weight
+    groups = getattr(module, "groups", 1)
+    return weight.reshape(groups, weight.shape[0] // groups, -1), module.bias
+
+
+def solution_from_factors(module: nn.Module, factors, rank: int) -> LowRankSolution:
+    """Lay grouped factors out as Composer's ``LowRankSolution`` for ``module``'s kind."""
+    first, second = factors.first, factors.second
+    if isinstance(module, (nn.Linear, FactorizedLinear)):
+        return LowRankSolution(first[0].T, second[0].T, factors.bias, rank, factors.nmse)
+    kernel = tuple(module.kernel_size)
+    groups = first.shape[0]
+    in_per_group = module.in_channels // groups
+    wa = first.reshape(rank, in_per_group, *kernel)
+    wb = second.reshape(-1, rank // groups, 1, 1)
+    return LowRankSolution(wa, wb, factors.bias, rank, factors.nmse)
+
+
+class LowRankMethod:
+    """Handler of ``method="lowrank"``: a Linear or Conv2d becomes a rank-r pair."""
+
+    name = "lowrank"
+
+    def accepts(self, layer: LayerShape) -> str | None:
+        if layer.kind not in ("linear", "conv2d"):
+            return f"method 'lowrank' does not handle {layer.kind}"
+        return None
+
+    def cost(self, layer: LayerShape, rank: int) -> tuple[int, int]:
+        return layer.factorized_macs(rank), layer.factorized_params(rank)
+
+    def solve(
+        self, module: nn.Module, layer: LayerShape, rank: int, moments: InputMoments | None
+    ) -> Solved:
+        weight, bias = grouped_weight(module)
+        factors = factorize_weight(weight, bias, rank // layer.groups, moments)
+        solution = solution_from_factors(module, factors, rank)
+        reference = weight
+        has_bias = factors.bias is not None
+        like = {"device": reference.device, "dtype": reference.dtype}
+        if layer.kind == "linear":
+            new = FactorizedLinear(
+                layer.in_features, layer.out_features, bias=has_bias, latent_features=rank, **like
+            )
+        else:
+            new = FactorizedConv2d(
+                layer.in_features, layer.out_features, layer.kernel, latent_channels=rank,
+                bias=has_bias, groups=layer.groups, **like, **_conv_kwargs(module),
+            )
+        new.apply_solution(solution)
+        new.train(module.training)
+        return Solved(new, factors.nmse, factors.nmse_source, has_bias)
+
+
+def _conv_kwargs(module: nn.Module) -> dict:
+    if isinstance(module, FactorizedConv2d):
+        return dict(module.convolution_kwargs)
+    return {
+        "stride": module.stride,
+        "padding": module.padding,
+        "dilation": module.dilation,
+        "padding_mode": module.padding_mode,
+    }

@@ -1,0 +1,1 @@
+"""The replacement modules: Composer-compatible factorized Linear and Conv2d."""

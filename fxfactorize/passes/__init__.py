@@ -1,0 +1,1 @@
+"""The pipeline, one pass per module: trace → shapes → cost → plan → (calibrate) → solve → rewrite."""
