@@ -29,14 +29,20 @@ def _check_model(model: Any) -> None:
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
 
 
-def _analyse(model: nn.Module, example_inputs: Any, config: FactorizeConfig) -> tuple[fx.GraphModule, Plan]:
+def _analyse(
+    model: nn.Module, example_inputs: Any, config: FactorizeConfig
+) -> tuple[fx.GraphModule, Plan]:
     gm = trace(model)
     annotate_costs(propagate_shapes(gm, example_inputs))
     return gm, plan_graph(gm, config)
 
 
 def plan(
-    model: nn.Module, example_inputs: Any, *, config: FactorizeConfig | None = None, **overrides: Any
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    config: FactorizeConfig | None = None,
+    **overrides: Any,
 ) -> Plan:
     """What :func:`transform` would do to ``model``, without solving anything.
 
@@ -104,7 +110,9 @@ def transform(
         result = solved.get(record.target)
         if result is not None:
             record = dataclasses.replace(
-                record, nmse=result.nmse, nmse_source=result.nmse_source,
+                record,
+                nmse=result.nmse,
+                nmse_source=result.nmse_source,
                 params_after=sum(p.numel() for p in result.module.parameters()),
             )
         records.append(record)

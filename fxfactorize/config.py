@@ -94,7 +94,9 @@ class FactorizeConfig:
         for name in ("latent_features", "latent_channels"):
             object.__setattr__(self, name, validate_latent_size(getattr(self, name), name))
         if not isinstance(self.method, str):
-            raise ValueError(f"method must be a str naming a registered method; got {self.method!r}")
+            raise ValueError(
+                f"method must be a str naming a registered method; got {self.method!r}"
+            )
 
     def replace(self, **overrides: Any) -> FactorizeConfig:
         """A copy with some fields changed; unknown names are a ``TypeError`` naming them.

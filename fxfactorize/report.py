@@ -63,15 +63,31 @@ class LayerRecord:
         else:
             outcome = f"{self.nmse:.3g} ({self.nmse_source})"
         return [
-            self.node, self.op, f"{self.in_features}→{self.out_features}", kernel,
+            self.node,
+            self.op,
+            f"{self.in_features}→{self.out_features}",
+            kernel,
             self.rank if self.factorized else "-",
-            format_count(self.macs_before), format_count(after_macs),
-            format_count(self.params_before), format_count(after_params), outcome,
+            format_count(self.macs_before),
+            format_count(after_macs),
+            format_count(self.params_before),
+            format_count(after_params),
+            outcome,
         ]
 
 
-_HEADERS = ["node", "op", "in→out", "kernel", "rank", "MACs before", "MACs after",
-            "params before", "params after", "nmse / reason"]
+_HEADERS = [
+    "node",
+    "op",
+    "in→out",
+    "kernel",
+    "rank",
+    "MACs before",
+    "MACs after",
+    "params before",
+    "params after",
+    "nmse / reason",
+]
 
 
 class _LayerTable:
@@ -93,8 +109,12 @@ class _LayerTable:
         before_p = sum(r.params_before for r in self.layers)
         after_m = sum(r.macs_after if r.factorized else r.macs_before for r in self.layers)
         after_p = sum(r.params_after if r.factorized else r.params_before for r in self.layers)
-        return {"macs_before": before_m, "macs_after": after_m,
-                "params_before": before_p, "params_after": after_p}
+        return {
+            "macs_before": before_m,
+            "macs_after": after_m,
+            "params_before": before_p,
+            "params_after": after_p,
+        }
 
     def summary(self) -> str:
         t = self.totals()
@@ -110,9 +130,20 @@ class _LayerTable:
     def __str__(self) -> str:
         t = self.totals()
         rows = [record.row() for record in self.layers]
-        rows.append(["total", "", "", "", "", format_count(t["macs_before"]),
-                     format_count(t["macs_after"]), format_count(t["params_before"]),
-                     format_count(t["params_after"]), ""])
+        rows.append(
+            [
+                "total",
+                "",
+                "",
+                "",
+                "",
+                format_count(t["macs_before"]),
+                format_count(t["macs_after"]),
+                format_count(t["params_before"]),
+                format_count(t["params_after"]),
+                "",
+            ]
+        )
         table = tabulate(rows, headers=_HEADERS, tablefmt="simple")
         return f"{self.title}\n{table}\n{self.summary()}"
 

@@ -51,7 +51,9 @@ class GroupedFactors:
         return self.first.shape[0] * self.first.shape[1]
 
 
-def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(
+    weight: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` pair for ``weight`` (``[M, D]``) in Frobenius norm.
 
     Returns ``(first [rank, D], second [M, rank], singular_values)``; the singular values are

@@ -28,7 +28,9 @@ class InputMoments:
     count: int = 0
 
     @classmethod
-    def zeros(cls, dim: int, groups: int = 1, device: torch.device | str | None = None) -> InputMoments:
+    def zeros(
+        cls, dim: int, groups: int = 1, device: torch.device | str | None = None
+    ) -> InputMoments:
         """Empty statistics for ``groups`` blocks of ``dim``-dimensional inputs."""
         return cls(
             xtx=torch.zeros(groups, dim, dim, dtype=torch.float64, device=device),

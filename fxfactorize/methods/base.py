@@ -39,6 +39,12 @@ class Method(Protocol):
     ) -> Solved:
         """Build the replacement of ``module`` at ``rank`` (data-aware when ``moments`` is given)."""
 
+    def describe(self, replacement: nn.Module) -> dict:
+        """A JSON-able spec from which :meth:`rebuild` recreates ``replacement``'s structure."""
+
+    def rebuild(self, module: nn.Module, layer: LayerShape, spec: dict) -> nn.Module:
+        """An (unsolved) replacement for ``module`` shaped as ``spec`` says; weights are loaded after."""
+
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -64,6 +70,4 @@ def get_method(name: str) -> Method:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"method must be one of {registered_methods()}; got {name!r}"
-        ) from None
+        raise ValueError(f"method must be one of {registered_methods()}; got {name!r}") from None

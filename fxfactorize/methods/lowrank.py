@@ -59,22 +59,35 @@ class LowRankMethod:
     ) -> Solved:
         weight, bias = grouped_weight(module)
         factors = factorize_weight(weight, bias, rank // layer.groups, moments)
-        solution = solution_from_factors(module, factors, rank)
-        reference = weight
         has_bias = factors.bias is not None
+        new = self.rebuild(module, layer, {"rank": rank, "bias": has_bias})
+        new.apply_solution(solution_from_factors(module, factors, rank))
+        return Solved(new, factors.nmse, factors.nmse_source, has_bias)
+
+    def describe(self, replacement: nn.Module) -> dict:
+        return {"rank": replacement.latent_size, "bias": replacement.module1.bias is not None}
+
+    def rebuild(self, module: nn.Module, layer: LayerShape, spec: dict) -> nn.Module:
+        reference = grouped_weight(module)[0]
         like = {"device": reference.device, "dtype": reference.dtype}
+        rank, has_bias = int(spec["rank"]), bool(spec["bias"])
         if layer.kind == "linear":
             new = FactorizedLinear(
                 layer.in_features, layer.out_features, bias=has_bias, latent_features=rank, **like
             )
         else:
             new = FactorizedConv2d(
-                layer.in_features, layer.out_features, layer.kernel, latent_channels=rank,
-                bias=has_bias, groups=layer.groups, **like, **_conv_kwargs(module),
+                layer.in_features,
+                layer.out_features,
+                layer.kernel,
+                latent_channels=rank,
+                bias=has_bias,
+                groups=layer.groups,
+                **like,
+                **_conv_kwargs(module),
             )
-        new.apply_solution(solution)
         new.train(module.training)
-        return Solved(new, factors.nmse, factors.nmse_source, has_bias)
+        return new
 
 
 def _conv_kwargs(module: nn.Module) -> dict:

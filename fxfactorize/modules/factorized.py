@@ -15,7 +15,12 @@ from torch import nn
 from fxfactorize.config import resolve_latent_size
 from fxfactorize.core.solution import LowRankSolution
 
-__all__ = ["FactorizedConv2d", "FactorizedLinear", "factorizing_could_speedup", "max_rank_with_speedup"]
+__all__ = [
+    "FactorizedConv2d",
+    "FactorizedLinear",
+    "factorizing_could_speedup",
+    "max_rank_with_speedup",
+]
 
 
 def max_rank_with_speedup(fan_in: int, out_size: int) -> int:
@@ -38,7 +43,9 @@ class _FactorizedModule(nn.Module):
     module0: nn.Module
     module1: nn.Module
 
-    def __init__(self, in_size: int, out_size: int, latent_size: int | float, groups: int = 1) -> None:
+    def __init__(
+        self, in_size: int, out_size: int, latent_size: int | float, groups: int = 1
+    ) -> None:
         super().__init__()
         self.in_size = in_size
         self.out_size = out_size
@@ -213,8 +220,13 @@ class FactorizedConv2d(_FactorizedModule):
         self.convolution_kwargs = dict(kwargs)
         factory = {"device": device, "dtype": dtype}
         self.module0 = nn.Conv2d(
-            in_channels, self.latent_size, self.kernel_size, groups=groups, bias=False,
-            **kwargs, **factory,
+            in_channels,
+            self.latent_size,
+            self.kernel_size,
+            groups=groups,
+            bias=False,
+            **kwargs,
+            **factory,
         )
         self.module1 = nn.Conv2d(
             self.latent_size, out_channels, 1, groups=groups, bias=bias, **factory

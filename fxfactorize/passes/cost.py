@@ -87,14 +87,26 @@ def describe_module(module: nn.Module, output_numel: int) -> LayerShape | None:
     if isinstance(module, FactorizedLinear):
         out = module.out_features
         return LayerShape(
-            "linear", module.in_features, out, (), 1, output_numel // out,
-            module.module1.bias is not None, latent=module.latent_features,
+            "linear",
+            module.in_features,
+            out,
+            (),
+            1,
+            output_numel // out,
+            module.module1.bias is not None,
+            latent=module.latent_features,
         )
     if isinstance(module, FactorizedConv2d):
         out = module.out_channels
         return LayerShape(
-            "conv2d", module.in_channels, out, tuple(module.kernel_size), module.groups,
-            output_numel // out, module.module1.bias is not None, latent=module.latent_channels,
+            "conv2d",
+            module.in_channels,
+            out,
+            tuple(module.kernel_size),
+            module.groups,
+            output_numel // out,
+            module.module1.bias is not None,
+            latent=module.latent_channels,
         )
     if isinstance(module, nn.Linear):
         out = module.out_features
@@ -104,8 +116,13 @@ def describe_module(module: nn.Module, output_numel: int) -> LayerShape | None:
     if isinstance(module, nn.Conv2d):
         out = module.out_channels
         return LayerShape(
-            "conv2d", module.in_channels, out, tuple(module.kernel_size), module.groups,
-            output_numel // out, module.bias is not None,
+            "conv2d",
+            module.in_channels,
+            out,
+            tuple(module.kernel_size),
+            module.groups,
+            output_numel // out,
+            module.bias is not None,
         )
     return None
 

@@ -34,12 +34,17 @@ def _decide(layer: LayerShape, config: FactorizeConfig) -> tuple[int | None, str
     """The rank for ``layer``, or ``None`` and the reason it stays as it is."""
     if layer.kind == "linear":
         enabled, min_size, latent, names = (
-            config.linears, config.min_features, config.latent_features,
+            config.linears,
+            config.min_features,
+            config.latent_features,
             ("linears", "min_features"),
         )
     else:
         enabled, min_size, latent, names = (
-            config.convs, config.min_channels, config.latent_channels, ("convs", "min_channels"),
+            config.convs,
+            config.min_channels,
+            config.latent_channels,
+            ("convs", "min_channels"),
         )
     if not enabled:
         return None, f"{names[0]}=False"
@@ -80,11 +85,18 @@ def plan_graph(gm: fx.GraphModule, config: FactorizeConfig) -> Plan:
     for target, (node, layer) in _layer_nodes(gm).items():
         rank, reason = _decide(layer, config)
         record = LayerRecord(
-            node=node.name, target=str(target), op=_OP_NAMES.get(layer.kind, layer.kind),
-            in_features=layer.in_features, out_features=layer.out_features,
-            kernel=layer.kernel, groups=layer.groups,
-            macs_before=layer.macs, params_before=layer.params,
-            rank=rank, reason=reason, method=config.method,
+            node=node.name,
+            target=str(target),
+            op=_OP_NAMES.get(layer.kind, layer.kind),
+            in_features=layer.in_features,
+            out_features=layer.out_features,
+            kernel=layer.kernel,
+            groups=layer.groups,
+            macs_before=layer.macs,
+            params_before=layer.params,
+            rank=rank,
+            reason=reason,
+            method=config.method,
         )
         if rank is not None:
             record.macs_after, record.params_after = method.cost(layer, rank)

@@ -50,7 +50,7 @@ def normalize_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple[Any, ...]
                 f"example_inputs has {len(values)} positional values but the model takes "
                 f"{len(placeholders)}"
             )
-        for node in placeholders[len(values):]:
+        for node in placeholders[len(values) :]:
             if not node.args:
                 raise ValueError(f"example_inputs is missing the model input {node.target!r}")
             values.append(node.args[0])

@@ -28,7 +28,9 @@ def solve_plan(
 
     Returns ``{target: Solved}``. ``gm`` is not changed.
     """
-    layers = {node.target: node.meta[LAYER_META] for node in gm.graph.nodes if LAYER_META in node.meta}
+    layers = {
+        node.target: node.meta[LAYER_META] for node in gm.graph.nodes if LAYER_META in node.meta
+    }
     method = get_method(plan.config.method)
     solved: dict[str, Solved] = {}
     records = plan.factorized
@@ -38,6 +40,13 @@ def solve_plan(
         try:
             solved[record.target] = method.solve(module, layers[record.target], record.rank, stats)
         except ValueError as error:
-            raise ValueError(f"cannot factorize graph node {record.node!r} ({record.target}): {error}") from error
-        log.debug("solved %s at rank %d: nmse %.3g", record.target, record.rank, solved[record.target].nmse)
+            raise ValueError(
+                f"cannot factorize graph node {record.node!r} ({record.target}): {error}"
+            ) from error
+        log.debug(
+            "solved %s at rank %d: nmse %.3g",
+            record.target,
+            record.rank,
+            solved[record.target].nmse,
+        )
     return solved

@@ -56,4 +56,3 @@ def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module] | str] = ()) 
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.training = model.training
     return gm
-
