@@ -52,7 +52,7 @@ def plan(
     >>> import torch
     >>> model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 10))
     >>> p = plan(model, torch.randn(4, 512))
-    >>> [(r.node, r.rank) for r in p.layers]
+    >>> [(r.target, r.rank) for r in p.layers]
     [('0', 128), ('2', None)]
     """
     _check_model(model)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torch import fx, nn
+from torch import nn
 
 from fxfactorize import FactorizeConfig, FactorizedConv2d, FactorizedLinear
 from fxfactorize.errors import ShapePropagationError, TraceError

@@ -132,7 +132,7 @@ def annotate_costs(gm: fx.GraphModule) -> fx.GraphModule:
 
     >>> import torch
     >>> from fxfactorize.passes.shapes import propagate_shapes
-    >>> gm = propagate_shapes(fx.symbolic_trace(nn.Linear(4, 2)), torch.ones(3, 4))
+    >>> gm = propagate_shapes(fx.symbolic_trace(nn.Sequential(nn.Linear(4, 2))), torch.ones(3, 4))
     >>> [n.meta[LAYER_META].macs for n in annotate_costs(gm).graph.nodes if LAYER_META in n.meta]
     [24]
     """

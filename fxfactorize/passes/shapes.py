@@ -19,7 +19,7 @@ def normalize_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple[Any, ...]
     """Turn ``example_inputs`` (a tensor, a tuple/list of positional args, or a dict of keyword
     args) into one positional value per placeholder of ``gm``, using defaults where given.
 
-    >>> gm = fx.symbolic_trace(torch.nn.Linear(3, 2))
+    >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(3, 2)))
     >>> normalize_inputs(gm, {"input": torch.ones(1, 3)})[0].shape
     torch.Size([1, 3])
     """
@@ -96,7 +96,7 @@ def _describe_target(node: fx.Node) -> str:
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> fx.GraphModule:
     """Annotate every node of ``gm`` with ``node.meta["tensor_meta"]`` (eval mode, no grad).
 
-    >>> gm = fx.symbolic_trace(torch.nn.Linear(3, 2))
+    >>> gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(3, 2)))
     >>> gm = propagate_shapes(gm, torch.ones(5, 3))
     >>> [tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if n.op == "call_module"]
     [(5, 2)]
