@@ -12,6 +12,7 @@ import logging
 from fxfactorize.api import plan, transform
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.core.solution import LowRankSolution
+from fxfactorize.equivalence import EquivalenceError, Tolerance, check_equivalence
 from fxfactorize.errors import FactorizeError, ShapePropagationError, TraceError
 from fxfactorize.modules.factorized import (
     FactorizedConv2d,
@@ -38,4 +39,7 @@ __all__ = [
     "factorizing_could_speedup",
     "plan",
     "transform",
+    "EquivalenceError",
+    "Tolerance",
+    "check_equivalence",
 ]
