@@ -308,6 +308,8 @@ def check_equivalence(
     with those truncated layers substituted (so any fault elsewhere shows, however lossy the
     truncation). An explicit ``tolerance`` compares with the reference directly. ``seed`` makes
     the draw deterministic; a drawn input on which the reference itself raises is discarded.
+    Called inside a ``@given`` test, the inputs are drawn from that test's data (no nested search;
+    ``seed`` is then ignored), so Hypothesis shrinks the model and the inputs together.
 
     >>> import fxfactorize as ff
     >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -333,6 +335,7 @@ def check_equivalence(
         fixed = default_tolerance(candidate)
 
     rejected = [0]
+    nested = hypothesis.currently_in_test_context()
 
     def failure(inputs: Any, drawn: bool = True) -> tuple[Mismatch | None, Tolerance]:
         with _evaluating(reference, candidate):
@@ -343,6 +346,8 @@ def check_equivalence(
                 if not drawn:
                     raise  # the caller's own example must run: let them see why it does not
                 rejected[0] += 1
+                if nested:
+                    return None, fixed  # skip it; rejecting would discard the caller's whole example
                 hypothesis.reject()  # inputs the reference itself refuses say nothing
             try:
                 got = _call(candidate, inputs)
@@ -357,6 +362,16 @@ def check_equivalence(
 
     dtypes = probe_dtypes(reference, example_inputs, _call)
     strategy = inputs_for(example_inputs, batch_dim=batch_dim, dtypes=dtypes)
+    if nested:
+        # Inside a @given test: draw from the caller's data instead of starting a nested search,
+        # so Hypothesis shrinks the caller's example and these inputs together.
+        data = hypothesis.control.current_build_context().data
+        for _ in range(max_examples):
+            inputs = data.draw(strategy)
+            outcome = failure(inputs)
+            if outcome[0] is not None:
+                _raise(inputs, *outcome)
+        return
     base = hypothesis.settings.default
     settings = hypothesis.settings(
         base,

@@ -66,7 +66,8 @@ def models(
     batch: int = 2,
 ) -> DrawnModel:
     """Strategy of small random DAGs of Linear or Conv2d layers, activations, residual adds and
-    concatenations (sometimes with a Flatten→Linear head, sometimes returning a tuple).
+    concatenations (sometimes with a Flatten→Linear head, sometimes returning a tuple); the
+    first step is always a layer.
 
     ``weight_rank`` caps the rank of every layer's weight (``min(weight_rank, out, fan_in)``), so
     factorizing at that rank is exact. Draws a :class:`DrawnModel` ``(model, example_inputs,
@@ -107,7 +108,7 @@ def models(
         last = len(widths) - 1
         source = draw(st.integers(0, last).map(lambda i, last=last: last - i))  # shrinks to last
         same = [i for i, w in enumerate(widths) if w == widths[source] and i != source]
-        op = draw(st.sampled_from(["layer", "layer", "add", "cat"]))
+        op = draw(st.sampled_from(["layer", "layer", "add", "cat"])) if ranks else "layer"
         if op == "add" and same:
             steps.append(("add", source, draw(st.sampled_from(same))))
             widths.append(widths[source])
