@@ -23,7 +23,13 @@ from torch import nn
 
 from fxfactorize.testing.inputs import describe_inputs, inputs_for, probe_dtypes
 
-__all__ = ["EquivalenceError", "Tolerance", "check_equivalence", "compare_outputs", "default_tolerance"]
+__all__ = [
+    "EquivalenceError",
+    "Tolerance",
+    "check_equivalence",
+    "compare_outputs",
+    "default_tolerance",
+]
 
 log = logging.getLogger("fxfactorize")
 
@@ -130,14 +136,26 @@ def compare_outputs(
             detail = f"shape {tuple(candidate.shape)}, expected {tuple(reference.shape)}"
             return Mismatch(path, math.inf, math.inf, detail)
         nmse, max_abs = _leaf_errors(reference, candidate)
-        scale = float(reference.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if reference.numel() else 0.0
+        scale = (
+            float(reference.detach().abs().nan_to_num(0.0, 0.0, 0.0).max())
+            if reference.numel()
+            else 0.0
+        )
         if nmse <= tolerance.nmse or max_abs <= tolerance.max_abs * max(1.0, scale):
             return None
         return Mismatch(path, nmse, max_abs, f"nmse {nmse:.3g} > {tolerance.nmse:.3g}")
     if dataclasses.is_dataclass(reference) and not isinstance(reference, type):
         if type(candidate) is not type(reference):
-            return Mismatch(path, math.inf, math.inf, f"{type(candidate).__name__} vs {type(reference).__name__}")
-        pairs = [(f"{path}.{f.name}", getattr(reference, f.name), getattr(candidate, f.name)) for f in dataclasses.fields(reference)]
+            return Mismatch(
+                path,
+                math.inf,
+                math.inf,
+                f"{type(candidate).__name__} vs {type(reference).__name__}",
+            )
+        pairs = [
+            (f"{path}.{f.name}", getattr(reference, f.name), getattr(candidate, f.name))
+            for f in dataclasses.fields(reference)
+        ]
     elif isinstance(reference, Mapping):
         if not isinstance(candidate, Mapping) or list(candidate) != list(reference):
             got = list(candidate) if isinstance(candidate, Mapping) else type(candidate).__name__
@@ -145,10 +163,22 @@ def compare_outputs(
         pairs = [(f"{path}[{key!r}]", reference[key], candidate[key]) for key in reference]
     elif isinstance(reference, (tuple, list)):
         if not isinstance(candidate, (tuple, list)) or len(candidate) != len(reference):
-            return Mismatch(path, math.inf, math.inf, f"{candidate!r:.60} does not match a {type(reference).__name__} of {len(reference)}")
-        pairs = [(f"{path}[{i}]", r, c) for i, (r, c) in enumerate(zip(reference, candidate))]
+            return Mismatch(
+                path,
+                math.inf,
+                math.inf,
+                f"{candidate!r:.60} does not match a {type(reference).__name__} of {len(reference)}",
+            )
+        pairs = [
+            (f"{path}[{i}]", r, c)
+            for i, (r, c) in enumerate(zip(reference, candidate, strict=True))
+        ]
     else:
-        return None if reference == candidate else Mismatch(path, math.inf, math.inf, f"{candidate!r} != {reference!r}")
+        return (
+            None
+            if reference == candidate
+            else Mismatch(path, math.inf, math.inf, f"{candidate!r} != {reference!r}")
+        )
     for sub_path, ref, cand in pairs:
         mismatch = compare_outputs(ref, cand, tolerance, sub_path)
         if mismatch is not None:
@@ -189,7 +219,9 @@ def default_tolerance(candidate: nn.Module) -> Tolerance:
 
 
 def _effective_weight(module: nn.Module) -> torch.Tensor | None:
-    from fxfactorize.methods.lowrank import grouped_weight  # methods import modules; keep import light
+    from fxfactorize.methods.lowrank import (
+        grouped_weight,  # methods import modules; keep import light
+    )
 
     try:
         return grouped_weight(module)[0].detach().double()
@@ -222,7 +254,8 @@ def _check_layers_match_report(reference: nn.Module, candidate: nn.Module, trunc
             raise EquivalenceError(
                 f"layer {record.target!r} (node {record.node!r}) does not match its report: relative "
                 f"squared weight error {error:.3g}, reported nmse {record.nmse:.3g}",
-                path=record.target, nmse=error,
+                path=record.target,
+                nmse=error,
             )
     return pairs
 
@@ -347,12 +380,20 @@ def check_equivalence(
                     raise  # the caller's own example must run: let them see why it does not
                 rejected[0] += 1
                 if nested:
-                    return None, fixed  # skip it; rejecting would discard the caller's whole example
+                    return (
+                        None,
+                        fixed,
+                    )  # skip it; rejecting would discard the caller's whole example
                 hypothesis.reject()  # inputs the reference itself refuses say nothing
             try:
                 got = _call(candidate, inputs)
             except Exception as error:  # a candidate that raises where the reference did not fails
-                return Mismatch("output", math.nan, math.nan, f"candidate raised {type(error).__name__}: {error}"), fixed
+                return Mismatch(
+                    "output",
+                    math.nan,
+                    math.nan,
+                    f"candidate raised {type(error).__name__}: {error}",
+                ), fixed
         return compare_outputs(expected, got, fixed), fixed
 
     # The example itself first: a plain failure there needs no search.
@@ -399,7 +440,10 @@ def check_equivalence(
 
 def _raise(inputs: Any, mismatch: Mismatch | None, tolerance: Tolerance) -> None:
     if mismatch is None:  # flaky: the shrunk input passes on re-run
-        raise EquivalenceError(f"candidate differs from reference only intermittently on {describe_inputs(inputs)}", inputs)
+        raise EquivalenceError(
+            f"candidate differs from reference only intermittently on {describe_inputs(inputs)}",
+            inputs,
+        )
     raise EquivalenceError(
         f"candidate differs from reference at {mismatch.path}: {mismatch.detail} "
         f"(nmse {mismatch.nmse:.3g}, max abs error {mismatch.max_abs:.3g}; tolerance nmse "

@@ -147,7 +147,10 @@ def test_dict_inputs_and_integer_ids_keep_their_range():
         def forward(self, ids, mask):
             return {"logits": self.head(self.embed(ids)) * mask.unsqueeze(-1)}
 
-    example = {"ids": torch.tensor([[0, 9, 4], [1, 1, 2]]), "mask": torch.tensor([[1.0, 1, 0], [1, 0, 0]])}
+    example = {
+        "ids": torch.tensor([[0, 9, 4], [1, 1, 2]]),
+        "mask": torch.tensor([[1.0, 1, 0], [1, 0, 0]]),
+    }
     model = Tagger().eval()
     check_equivalence(model, copy.deepcopy(model), example, max_examples=15, seed=0)
     broken = copy.deepcopy(model)
@@ -177,7 +180,9 @@ def test_batch_dim_other_than_zero():
 
 def test_truncated_transform_passes_and_a_fault_inside_a_factorized_layer_is_caught():
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5))
+    model = nn.Sequential(
+        nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)
+    )
     gm = ff.transform(model, X.new_zeros(2, 32), min_features=1, latent_features=12, progress=False)
     assert all(r.nmse > 0.1 for r in gm.meta["fxfactorize"].factorized)  # heavily truncated
     check_equivalence(model, gm, torch.randn(2, 32), max_examples=15, seed=0)

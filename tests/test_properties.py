@@ -7,7 +7,6 @@ Example counts come from the Hypothesis profile: "ci" (default, 8 per property) 
 import copy
 import io
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,7 +34,9 @@ def test_no_false_alarm_on_truncated_models(drawn, rank):
     data-free layer's error is what the report says; the unchanged graph agrees with itself."""
     gm = ff.transform(drawn.model, drawn.example_inputs, **EVERYTHING, **ranks(rank))
     ff.check_equivalence(drawn.model, gm, drawn.example_inputs, max_examples=4, seed=0)
-    ff.check_equivalence(drawn.model, copy.deepcopy(drawn.model), drawn.example_inputs, max_examples=3, seed=0)
+    ff.check_equivalence(
+        drawn.model, copy.deepcopy(drawn.model), drawn.example_inputs, max_examples=3, seed=0
+    )
 
 
 @given(fft.models(), st.integers(1, 3))
@@ -48,8 +49,13 @@ def test_measured_error_is_what_the_report_says_for_a_single_layer(drawn, rank):
         fan_in = original.weight[0].numel()
         x = torch.randn(4000, fan_in, generator=torch.Generator().manual_seed(0))
         w = original.weight.detach().reshape(original.weight.shape[0], -1).double()
-        w_hat = (pair.module1.weight.detach().reshape(w.shape[0], -1) @ pair.module0.weight.detach().reshape(-1, fan_in)).double()
-        measured = float(((x.double() @ (w - w_hat).T) ** 2).mean() / (x.double() @ w.T).pow(2).mean())
+        w_hat = (
+            pair.module1.weight.detach().reshape(w.shape[0], -1)
+            @ pair.module0.weight.detach().reshape(-1, fan_in)
+        ).double()
+        measured = float(
+            ((x.double() @ (w - w_hat).T) ** 2).mean() / (x.double() @ w.T).pow(2).mean()
+        )
         assert measured <= record.nmse * 1.2 + 1e-9  # 4000 samples: a few % sampling noise
 
 

@@ -15,7 +15,9 @@ def test_readme_downstream_example_passes():
     code = downstream_example()
     assert len(code.strip().splitlines()) <= 14
     namespace: dict = {}
-    exec(compile(code, "README-downstream-example", "exec"), namespace)  # in-process: no second torch import
+    exec(
+        compile(code, "README-downstream-example", "exec"), namespace
+    )  # in-process: no second torch import
     tests = [value for name, value in namespace.items() if name.startswith("test_")]
     assert len(tests) == 2
     for test in tests:  # @given tests run their examples when called

@@ -62,7 +62,9 @@ def _float_values(
         rows = ex.movedim(batch_dim, 0) if ex.dim() > batch_dim else ex.unsqueeze(0)
         picks = torch.randint(0, rows.shape[0], (shape[batch_dim] if shape else 1,), generator=gen)
         chosen = rows[picks].movedim(0, batch_dim) if ex.dim() > batch_dim else rows[0]
-        noise = (chosen.reshape(shape) - centre) / spread + 0.01 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        noise = (chosen.reshape(shape) - centre) / spread + 0.01 * torch.randn(
+            shape, generator=gen, dtype=torch.float64
+        )
     values = centre + scale * noise
     if zero_rows and len(shape) > batch_dim and shape[batch_dim] > 0:
         rows = torch.rand(shape[batch_dim], generator=gen) < 0.5
@@ -73,7 +75,9 @@ def _float_values(
     return values.to(dtype=dtype, device=example.device)
 
 
-def _integer_values(example: torch.Tensor, shape: Sequence[int], gen: torch.Generator) -> torch.Tensor:
+def _integer_values(
+    example: torch.Tensor, shape: Sequence[int], gen: torch.Generator
+) -> torch.Tensor:
     if example.dtype == torch.bool:
         return (torch.rand(shape, generator=gen) < 0.5).to(example.device)
     low = int(example.min()) if example.numel() else 0
@@ -157,13 +161,20 @@ def probe_dtypes(model: torch.nn.Module, example_inputs: Any, call: Callable) ->
     floats = [t for t in _tensors(example_inputs) if t.is_floating_point()]
     if not floats:
         return []
-    candidates = [floats[0].dtype] + [d for d in (torch.float32, torch.float64) if d != floats[0].dtype]
+    candidates = [floats[0].dtype] + [
+        d for d in (torch.float32, torch.float64) if d != floats[0].dtype
+    ]
     accepted = []
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         for dtype in candidates:
-            cast = _map(example_inputs, lambda v, d=dtype: v.to(d) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            cast = _map(
+                example_inputs,
+                lambda v, d=dtype: (
+                    v.to(d) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                ),
+            )
             try:
                 with torch.no_grad():
                     call(model, cast)

@@ -23,7 +23,9 @@ def low_rank_tensor(shape: Sequence[int], rank: int, seed: int) -> torch.Tensor:
     """
     rows, cols = shape[0], math.prod(shape[1:])
     if not 1 <= rank <= min(rows, cols):
-        raise ValueError(f"rank must be in [1, min{(rows, cols)}] for shape {tuple(shape)}; got {rank}")
+        raise ValueError(
+            f"rank must be in [1, min{(rows, cols)}] for shape {tuple(shape)}; got {rank}"
+        )
     gen = torch.Generator().manual_seed(seed)
     left = torch.randn(rows, rank, generator=gen, dtype=torch.float64)
     right = torch.randn(rank, cols, generator=gen, dtype=torch.float64)
@@ -40,7 +42,9 @@ def low_rank_weights(shape: Sequence[int], rank: int | st.SearchStrategy[int]) -
     ((8, 5), 3)
     """
     ranks = rank if isinstance(rank, st.SearchStrategy) else st.just(rank)
-    return st.builds(lambda r, seed: low_rank_tensor(shape, r, seed), ranks, st.integers(0, 2**32 - 1))
+    return st.builds(
+        lambda r, seed: low_rank_tensor(shape, r, seed), ranks, st.integers(0, 2**32 - 1)
+    )
 
 
 def init_layer(layer: nn.Module, seed: int, rank: int | None = None) -> nn.Module:

@@ -35,7 +35,9 @@ class RandomDAG(nn.Module):
     torch.Size([2, 3])
     """
 
-    def __init__(self, layers: dict[str, nn.Module], steps: list[tuple], outputs: list[int]) -> None:
+    def __init__(
+        self, layers: dict[str, nn.Module], steps: list[tuple], outputs: list[int]
+    ) -> None:
         super().__init__()
         for name, layer in layers.items():
             self.add_module(name, layer)
