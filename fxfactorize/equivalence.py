@@ -38,6 +38,8 @@ log = logging.getLogger("fxfactorize")
 EXACT_NMSE = 1e-8
 # Per-element slack, relative to the largest reference magnitude, for outputs with ~zero variance.
 EXACT_MAX_ABS = 1e-4
+# Multiples of the output dtype's machine epsilon allowed as RMS error for float16/bfloat16 outputs.
+DTYPE_SLACK = 30.0
 # A layer counts as truncated when its reported nmse exceeds this (SVD round-off is ~1e-14).
 TRUNCATION_NMSE = 1e-10
 # Fallback only (a truncated layer with no counterpart in the reference): layer errors add up in RMS
@@ -63,8 +65,25 @@ class Tolerance:
 
     nmse: float = EXACT_NMSE
     max_abs: float = EXACT_MAX_ABS
+    #: widen ``nmse`` to ``(30 · eps)²`` for outputs in a dtype coarser than float32 (float16 and
+    #: bfloat16 round-off alone exceeds the float32 default)
+    dtype_aware: bool = True
+
+    def nmse_for(self, dtype: torch.dtype) -> float:
+        """The nmse limit for an output of ``dtype``.
+
+        >>> Tolerance().nmse_for(torch.float32), round(Tolerance().nmse_for(torch.bfloat16), 3)
+        (1e-08, 0.055)
+        """
+        if not self.dtype_aware or not dtype.is_floating_point:
+            return self.nmse
+        eps = torch.finfo(dtype).eps
+        coarse = eps > torch.finfo(torch.float32).eps
+        return max(self.nmse, (DTYPE_SLACK * eps) ** 2) if coarse else self.nmse
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dtype_aware, bool):
+            raise ValueError(f"Tolerance.dtype_aware must be a bool; got {self.dtype_aware!r}")
         for name in ("nmse", "max_abs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -141,9 +160,10 @@ def compare_outputs(
             if reference.numel()
             else 0.0
         )
-        if nmse <= tolerance.nmse or max_abs <= tolerance.max_abs * max(1.0, scale):
+        limit = tolerance.nmse_for(reference.dtype)
+        if nmse <= limit or max_abs <= tolerance.max_abs * max(1.0, scale):
             return None
-        return Mismatch(path, nmse, max_abs, f"nmse {nmse:.3g} > {tolerance.nmse:.3g}")
+        return Mismatch(path, nmse, max_abs, f"nmse {nmse:.3g} > {limit:.3g}")
     if dataclasses.is_dataclass(reference) and not isinstance(reference, type):
         if type(candidate) is not type(reference):
             return Mismatch(
@@ -218,6 +238,11 @@ def default_tolerance(candidate: nn.Module) -> Tolerance:
     return Tolerance(nmse=EXACT_NMSE + MARGIN * sum(math.sqrt(r.nmse) for r in truncated) ** 2)
 
 
+def _weight_dtype(layer: nn.Module) -> torch.dtype:
+    floats = [p.dtype for p in layer.parameters() if p.is_floating_point()]
+    return floats[0] if floats else torch.float32
+
+
 def _effective_weight(module: nn.Module) -> torch.Tensor | None:
     from fxfactorize.methods.lowrank import (
         grouped_weight,  # methods import modules; keep import light
@@ -250,7 +275,9 @@ def _check_layers_match_report(reference: nn.Module, candidate: nn.Module, trunc
             continue
         energy = float(w_ref.pow(2).sum())
         error = float((w_ref - w_cand).pow(2).sum()) / energy if energy > 0 else 0.0
-        if error > record.nmse * (1 + 1e-3) + 1e-7:
+        # slack: float64 solve vs. the layer's dtype (the factors are rounded to it after solving)
+        rounding = (2 * torch.finfo(_weight_dtype(cand_layer)).eps) ** 2
+        if error > record.nmse * (1 + 1e-3) + 1e-7 + rounding:
             raise EquivalenceError(
                 f"layer {record.target!r} (node {record.node!r}) does not match its report: relative "
                 f"squared weight error {error:.3g}, reported nmse {record.nmse:.3g}",

@@ -242,3 +242,20 @@ def test_non_module_and_bad_example_inputs():
         check_equivalence(small_mlp(), lambda x: x, X)
     with pytest.raises(RuntimeError):  # the reference's own error on the caller's example
         check_equivalence(small_mlp(), small_mlp(), torch.randn(2, 5))
+
+
+def test_half_precision_models_are_compared_at_their_precision():
+    from fxfactorize.testing.layers import low_rank_tensor
+
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    with torch.no_grad():  # rank 4: factorizing at rank 4 is exact up to bfloat16 round-off
+        model[0].weight.copy_(low_rank_tensor((32, 32), 4, seed=0))
+        model[2].weight.copy_(low_rank_tensor((32, 32), 4, seed=1))
+    model = model.to(torch.bfloat16).eval()
+    example = torch.randn(4, 32, dtype=torch.bfloat16)
+    gm = ff.transform(model, example, min_features=1, latent_features=4, progress=False)
+    assert len(gm.meta["fxfactorize"].factorized) == 2
+    check_equivalence(model, gm, example, max_examples=5, seed=0)
+    with pytest.raises(EquivalenceError, match="nmse"):
+        strict = Tolerance(dtype_aware=False)
+        check_equivalence(model, gm, example, max_examples=5, seed=0, tolerance=strict)
