@@ -356,7 +356,8 @@ def check_equivalence(
     Hypothesis draws up to ``max_examples`` inputs shaped after ``example_inputs`` (a tensor, a tuple
     of positional inputs or a dict of keyword inputs): batch sizes from 1 to beyond the example's
     along ``batch_dim``, normal/uniform/heavy-tailed/constant values, magnitudes from 1e-3 to 1e3
-    times the example's, all-zero rows, and every float dtype both models accept; integer and bool
+    times the example's, all-zero rows, and float32 / float64 / the example's dtype where both
+    models accept it; integer and bool
     inputs keep the example's value range. Both models run in eval mode under ``torch.no_grad()``
     (their modes are restored); neither is changed. A failing input is shrunk, and the error names
     its shapes, the offending output path (``output[1]['logits']``) and its nmse / max abs error.
@@ -428,7 +429,8 @@ def check_equivalence(
     if outcome[0] is not None:
         _raise(example_inputs, *outcome)
 
-    dtypes = probe_dtypes(reference, example_inputs, _call)
+    accepted = probe_dtypes(candidate, example_inputs, _call)
+    dtypes = [d for d in probe_dtypes(reference, example_inputs, _call) if d in accepted]
     strategy = inputs_for(example_inputs, batch_dim=batch_dim, dtypes=dtypes)
     if nested:
         # Inside a @given test: draw from the caller's data instead of starting a nested search,

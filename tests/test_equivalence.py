@@ -259,3 +259,18 @@ def test_half_precision_models_are_compared_at_their_precision():
     with pytest.raises(EquivalenceError, match="nmse"):
         strict = Tolerance(dtype_aware=False)
         check_equivalence(model, gm, example, max_examples=5, seed=0, tolerance=strict)
+
+
+def test_catches_a_fault_only_for_float64_inputs_when_both_models_accept_them():
+    class Casting(nn.Module):
+        def __init__(self, fault=False):
+            super().__init__()
+            self.inner, self.fault = small_mlp(), fault
+
+        def forward(self, x):
+            y = self.inner(x.float())
+            return y + 1 if self.fault and x.dtype == torch.float64 else y
+
+    check_equivalence(Casting(), Casting(), X, max_examples=10, seed=0)
+    with pytest.raises(EquivalenceError, match="float64"):
+        check_equivalence(Casting(), Casting(fault=True), X, max_examples=30, seed=0)

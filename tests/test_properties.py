@@ -7,6 +7,7 @@ Example counts come from the Hypothesis profile: "ci" (default, 8 per property) 
 import copy
 import io
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -109,3 +110,14 @@ def test_torch_compile_agrees_with_eager(drawn):
     with torch.no_grad():
         eager, fast = gm(drawn.example_inputs), compiled(drawn.example_inputs)
     assert ff.equivalence.compare_outputs(eager, fast, ff.Tolerance(nmse=1e-8)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@settings(max_examples=3)
+@given(fft.models(max_width=8))
+def test_cuda_parameters_stay_on_the_device_and_agree(drawn):
+    model = copy.deepcopy(drawn.model).cuda()
+    example = drawn.example_inputs.cuda()
+    gm = ff.transform(model, example, **EVERYTHING, **ranks(2))
+    assert {p.device.type for p in gm.parameters()} == {"cuda"}
+    ff.check_equivalence(model, gm, example, max_examples=3, seed=0)
