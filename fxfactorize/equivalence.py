@@ -254,6 +254,13 @@ def _effective_weight(module: nn.Module) -> torch.Tensor | None:
         return None
 
 
+def _shared(reference: nn.Module, candidate: nn.Module, target: str) -> bool:
+    try:
+        return reference.get_submodule(target) is candidate.get_submodule(target)
+    except AttributeError:
+        return False
+
+
 def _check_layers_match_report(reference: nn.Module, candidate: nn.Module, truncated: list) -> dict:
     """``{target: (reference layer, candidate layer)}``; raise if a layer's weight error exceeds its report.
 
@@ -267,6 +274,8 @@ def _check_layers_match_report(reference: nn.Module, candidate: nn.Module, trunc
             cand_layer = candidate.get_submodule(record.target)
         except AttributeError:
             continue  # reference laid out differently: the end-to-end bound still applies
+        if ref_layer is cand_layer:
+            continue  # transformed in place: the reference already runs the candidate's layer
         pairs[record.target] = (ref_layer, cand_layer)
         if record.nmse_source != "weights":
             continue  # calibrated errors are exact only on the calibration data, which we lack
@@ -357,8 +366,7 @@ def check_equivalence(
     of positional inputs or a dict of keyword inputs): batch sizes from 1 to beyond the example's
     along ``batch_dim``, normal/uniform/heavy-tailed/constant values, magnitudes from 1e-3 to 1e3
     times the example's, all-zero rows, and float32 / float64 / the example's dtype where both
-    models accept it; integer and bool
-    inputs keep the example's value range. Both models run in eval mode under ``torch.no_grad()``
+    models accept it; integer and bool inputs keep the example's value range. Both models run in eval mode under ``torch.no_grad()``
     (their modes are restored); neither is changed. A failing input is shrunk, and the error names
     its shapes, the offending output path (``output[1]['logits']``) and its nmse / max abs error.
 
@@ -390,7 +398,9 @@ def check_equivalence(
     pairs = _check_layers_match_report(reference, candidate, truncated) if truncated else {}
     if tolerance is not None:
         fixed = tolerance
-    elif len(pairs) == len(truncated):
+    elif len(pairs) == len(truncated) or all(
+        _shared(reference, candidate, r.target) for r in truncated if r.target not in pairs
+    ):
         fixed = Tolerance()  # truncated layers are substituted into the reference: compare exactly
     else:  # some truncated layer has no counterpart in the reference: the report's bound instead
         fixed = default_tolerance(candidate)
@@ -407,11 +417,8 @@ def check_equivalence(
                 if not drawn:
                     raise  # the caller's own example must run: let them see why it does not
                 rejected[0] += 1
-                if nested:
-                    return (
-                        None,
-                        fixed,
-                    )  # skip it; rejecting would discard the caller's whole example
+                if nested:  # skip it: rejecting would discard the caller's whole example
+                    return None, fixed
                 hypothesis.reject()  # inputs the reference itself refuses say nothing
             try:
                 got = _call(candidate, inputs)

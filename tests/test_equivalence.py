@@ -274,3 +274,13 @@ def test_catches_a_fault_only_for_float64_inputs_when_both_models_accept_them():
     check_equivalence(Casting(), Casting(), X, max_examples=10, seed=0)
     with pytest.raises(EquivalenceError, match="float64"):
         check_equivalence(Casting(), Casting(fault=True), X, max_examples=30, seed=0)
+
+
+def test_a_model_transformed_in_place_checks_against_itself_without_recursing():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    gm = ff.transform(
+        model, torch.randn(2, 32), min_features=1, latent_features=4, inplace=True, progress=False
+    )
+    assert model[0] is gm.get_submodule("0")
+    check_equivalence(model, gm, torch.randn(2, 32), max_examples=5, seed=0)
