@@ -99,7 +99,7 @@ def test_state_dict_round_trips_into_a_fresh_transform(drawn):
             parameter.normal_()
     fresh = ff.transform(other, drawn.example_inputs, **EVERYTHING, **ranks(2))
     fresh.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
-    ff.check_equivalence(gm, fresh, drawn.example_inputs, max_examples=3, seed=0)
+    ff.check_equivalence(gm, fresh, drawn.example_inputs, max_examples=2, seed=0)
 
 
 @settings(max_examples=1)  # compiling is slow; one model keeps CI time bounded
