@@ -11,8 +11,9 @@ import logging
 
 from fxfactorize.api import plan, transform
 from fxfactorize.config import FactorizeConfig
+from fxfactorize.core.composer_api import factorize_conv2d, factorize_matrix
 from fxfactorize.core.solution import LowRankSolution
-from fxfactorize.errors import FactorizeError, ShapePropagationError, TraceError
+from fxfactorize.errors import CalibrationError, FactorizeError, ShapePropagationError, TraceError
 from fxfactorize.modules.factorized import (
     FactorizedConv2d,
     FactorizedLinear,
@@ -25,6 +26,9 @@ logging.getLogger("fxfactorize").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationError",
+    "factorize_conv2d",
+    "factorize_matrix",
     "FactorizeConfig",
     "FactorizeError",
     "FactorizedConv2d",
