@@ -9,7 +9,9 @@
 
 import logging
 
+from fxfactorize import surgery
 from fxfactorize.api import plan, transform
+from fxfactorize.apply import apply_factorization
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.core.composer_api import factorize_conv2d, factorize_matrix
 from fxfactorize.core.solution import LowRankSolution
@@ -27,6 +29,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationError",
+    "apply_factorization",
+    "surgery",
     "factorize_conv2d",
     "factorize_matrix",
     "FactorizeConfig",
