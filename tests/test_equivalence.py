@@ -284,3 +284,21 @@ def test_a_model_transformed_in_place_checks_against_itself_without_recursing():
     )
     assert model[0] is gm.get_submodule("0")
     check_equivalence(model, gm, torch.randn(2, 32), max_examples=5, seed=0)
+
+
+def test_a_calibrated_transform_passes_and_a_fault_outside_its_layers_is_caught():
+    torch.manual_seed(6)
+    model = nn.Sequential(
+        nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3)
+    ).eval()
+    batches = [torch.randn(16, 32) for _ in range(2)]
+    gm = ff.transform(
+        model, batches[0], calibration=batches, min_features=1, latent_features=6, progress=False
+    )
+    assert {r.nmse_source for r in gm.meta["fxfactorize"].factorized} == {"calibration"}
+    check_equivalence(model, gm, batches[0], max_examples=6, seed=0)
+    broken = copy.deepcopy(gm)
+    with torch.no_grad():
+        broken.get_submodule("4").bias.add_(0.1)
+    with pytest.raises(EquivalenceError, match="at output"):
+        check_equivalence(model, broken, batches[0], max_examples=6, seed=0)
