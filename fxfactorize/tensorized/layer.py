@@ -248,8 +248,8 @@ class FactorizedLinear(nn.Module):
             raise ValueError(
                 f"expected input with last dimension {self.in_features}; got shape {tuple(x.shape)}"
             )
-        if self.n_layers == 1 and not _is_compiling() and indices != 0:
-            raise ValueError(f"indices must be 0 for a single layer (n_layers=1); got {indices!r}")
+        if not _is_compiling():
+            indices = self._check_index(indices)
         if not self.training and not torch.is_grad_enabled() and not _is_compiling():
             return F.linear(x, self._cached_weight(indices), self._bias(indices))
         if self.checkpointing and self.training and torch.is_grad_enabled():
