@@ -210,3 +210,38 @@ def test_torch_compile_matches_eager():
     x = torch.randn(4, 32)
     compiled = torch.compile(model, backend="eager")
     torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("method", ["tucker", "tt"])
+def test_transform_with_tensorized_method_replaces_linears_and_keeps_convs_lowrank(method):
+    import fxfactorize as ff
+    from fxfactorize.tensorized import FactorizedLinear as TensorizedLinear
+
+    torch.manual_seed(7)
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+    x = torch.randn(4, 8, 8, 8)
+    gm = ff.transform(
+        model, x, method=method, min_features=256, min_channels=8, latent_channels=2, progress=False
+    )
+    report = gm.meta["fxfactorize"]
+    records = {r.target: r for r in report.layers}
+    assert records["0"].method == "lowrank" and records["0"].factorized
+    linear = records["2"]
+    assert linear.method == method and linear.factorized
+    assert isinstance(gm.get_submodule("2"), TensorizedLinear)
+    assert method in linear.detail and "ranks" in linear.detail
+    assert linear.params_after == sum(p.numel() for p in gm.get_submodule("2").parameters())
+    assert linear.macs_after < linear.macs_before
+    assert 0.0 <= linear.nmse < 1.0
+    assert method in str(report)
+    assert gm(x).shape == (4, 10)
+    assert isinstance(model[2], nn.Linear)  # the caller's model is untouched
+
+
+def test_unknown_method_is_a_value_error():
+    import fxfactorize as ff
+
+    with pytest.raises(ValueError, match="method must be one of"):
+        ff.plan(nn.Sequential(nn.Linear(512, 512)), torch.randn(2, 512), method="ttm")

@@ -91,7 +91,9 @@ def cheapest_order(
         macs = largest = 0
         while len(nodes) > 1:
             pairs = [(a, b) for a in nodes for b in nodes if a < b]
-            a, b = min(pairs, key=lambda p: (numel(indices_of(p[0], p[1], kept)), numel(kept(p[0] | p[1]))))
+            a, b = min(
+                pairs, key=lambda p: (numel(indices_of(p[0], p[1], kept)), numel(kept(p[0] | p[1])))
+            )
             macs += numel(indices_of(a, b, kept))
             largest = max(largest, numel(kept(a | b)))
             nodes[a | b] = (nodes.pop(a), nodes.pop(b), a | b)

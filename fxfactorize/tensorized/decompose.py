@@ -18,9 +18,7 @@ from fxfactorize.tensorized.structure import Structure
 __all__ = ["decompose"]
 
 
-def decompose(
-    tensor: torch.Tensor, structure: Structure, **kwargs: object
-) -> list[torch.Tensor]:
+def decompose(tensor: torch.Tensor, structure: Structure, **kwargs: object) -> list[torch.Tensor]:
     """Factors of ``structure`` approximating ``tensor`` (shape: ``structure``'s modes).
 
     ``kwargs``: ``n_iter_max`` and ``tol`` (CP, Tucker), ``seed`` (CP).
@@ -38,7 +36,9 @@ def decompose(
     if structure.format in ("tt", "blocktt"):
         return _tt_svd(tensor, structure)
     if structure.format == "tucker":
-        return _tucker(tensor, structure, int(kwargs.get("n_iter_max", 5)), float(kwargs.get("tol", 1e-8)))
+        return _tucker(
+            tensor, structure, int(kwargs.get("n_iter_max", 5)), float(kwargs.get("tol", 1e-8))
+        )
     return _cp_als(
         tensor,
         structure,
@@ -83,7 +83,9 @@ def _unfold(tensor: torch.Tensor, mode: int) -> torch.Tensor:
     return tensor.movedim(mode, 0).reshape(tensor.shape[mode], -1)
 
 
-def _tucker(tensor: torch.Tensor, structure: Structure, n_iter: int, tol: float) -> list[torch.Tensor]:
+def _tucker(
+    tensor: torch.Tensor, structure: Structure, n_iter: int, tol: float
+) -> list[torch.Tensor]:
     names = structure.mode_names
     n = len(names)
     factors = [_leading_vectors(_unfold(tensor, m), r) for m, r in enumerate(structure.ranks)]
@@ -134,7 +136,9 @@ def _cp_als(
     for m in range(n):
         lead = _leading_vectors(_unfold(tensor, m), min(rank, shape[m]))
         if rank > lead.shape[1]:
-            extra = torch.randn(shape[m], rank - lead.shape[1], generator=generator, dtype=tensor.dtype)
+            extra = torch.randn(
+                shape[m], rank - lead.shape[1], generator=generator, dtype=tensor.dtype
+            )
             lead = torch.cat([lead, extra / math.sqrt(shape[m])], 1)
         factors.append(lead)
     # Split the modes in two halves of similar size: the MTTKRP of a mode on one side then needs

@@ -21,17 +21,50 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fxfactorize.tensorized.contract import cheapest_order, contract
+from fxfactorize.tensorized.contract import ContractionPlan, cheapest_order, contract
 from fxfactorize.tensorized.decompose import decompose
 from fxfactorize.tensorized.ranks import resolve_ranks
 from fxfactorize.tensorized.structure import Structure, normalize_factorization
 from fxfactorize.tensorized.tensorize import tensorize_features, validate_tensorized_features
 
-__all__ = ["FactorizedLinear", "IMPLEMENTATIONS"]
+__all__ = ["IMPLEMENTATIONS", "FactorizedLinear", "forward_macs", "plan_forward"]
 
 log = logging.getLogger("fxfactorize")
 
 IMPLEMENTATIONS = ("factorized", "reconstructed", "auto")
+
+
+def plan_forward(structure: Structure, batch: int) -> tuple[ContractionPlan, ContractionPlan]:
+    """Cheapest contraction plans of one layer of ``structure`` for ``batch`` input rows:
+    ``(input with factors → output, factors → dense [out, in] weight)``."""
+    terms = tuple(tuple(x for x in labels if x != "l") for _, labels in structure.factors())
+    sizes = {**structure.mode_sizes, **structure.rank_sizes, "b": batch}
+    sizes.pop("l", None)
+    ins = tuple(f"i{k}" for k in range(len(structure.in_modes)))
+    outs = tuple(f"o{k}" for k in range(len(structure.out_modes)))
+    key = tuple(sorted(sizes.items()))
+    factorized = cheapest_order((("b", *ins), *terms), ("b", *outs), key)
+    reconstructed = cheapest_order(terms, (*outs, *ins), key)
+    return factorized, reconstructed
+
+
+def forward_macs(structure: Structure, batch: int, implementation: str = "auto") -> int:
+    """Multiply-adds of one forward of ``batch`` rows (bias excluded); ``'auto'``: the cheaper.
+
+    >>> from fxfactorize.tensorized.ranks import resolve_ranks
+    >>> s = resolve_ranks("tt", (8, 8), (8, 8), 4)
+    >>> forward_macs(s, 1, "factorized") < forward_macs(s, 1, "reconstructed")
+    True
+    """
+    factorized, reconstructed = plan_forward(structure, batch)
+    dense = reconstructed.macs + batch * math.prod(structure.in_modes) * math.prod(
+        structure.out_modes
+    )
+    if implementation == "factorized":
+        return factorized.macs
+    if implementation == "reconstructed":
+        return dense
+    return min(factorized.macs, dense)
 
 
 def _is_compiling() -> bool:
@@ -77,7 +110,9 @@ class FactorizedLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        in_modes = validate_tensorized_features(in_tensorized_features, None, "in_tensorized_features")
+        in_modes = validate_tensorized_features(
+            in_tensorized_features, None, "in_tensorized_features"
+        )
         out_modes = validate_tensorized_features(
             out_tensorized_features, None, "out_tensorized_features"
         )
@@ -99,12 +134,16 @@ class FactorizedLinear(nn.Module):
         self.factorization = factorization
         self.implementation = implementation  # validated by the property setter
         self.checkpointing = bool(checkpointing)
-        self.structure: Structure = resolve_ranks(factorization, in_modes, out_modes, rank, self.n_layers)
+        self.structure: Structure = resolve_ranks(
+            factorization, in_modes, out_modes, rank, self.n_layers
+        )
         like = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(
             [nn.Parameter(torch.empty(shape, **like)) for shape, _ in self.structure.factors()]
         )
-        bias_shape = (self.n_layers, self.out_features) if self.n_layers > 1 else (self.out_features,)
+        bias_shape = (
+            (self.n_layers, self.out_features) if self.n_layers > 1 else (self.out_features,)
+        )
         self.bias = nn.Parameter(torch.empty(bias_shape, **like)) if bias else None
         self._cache: dict[int, tuple[tuple, torch.Tensor]] = {}
         self.reset_parameters()
@@ -117,7 +156,9 @@ class FactorizedLinear(nn.Module):
     @implementation.setter
     def implementation(self, value: str) -> None:
         if value not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}; got {value!r}")
+            raise ValueError(
+                f"implementation must be one of {list(IMPLEMENTATIONS)}; got {value!r}"
+            )
         self._implementation = value
 
     @property
@@ -199,20 +240,8 @@ class FactorizedLinear(nn.Module):
         return self.bias[indices] if self.n_layers > 1 else self.bias
 
     # -- cost ----------------------------------------------------------------------------------
-    def _plans(self, batch: int):
-        tensors_shapes = [shape for shape, _ in self.structure.factors()]
-        terms = []
-        for shape, labels in self.structure.factors():
-            terms.append(tuple(x for x in labels if x != "l"))
-        del tensors_shapes
-        sizes = {**self.structure.mode_sizes, **self.structure.rank_sizes, "b": batch}
-        sizes.pop("l", None)
-        ins = tuple(f"i{k}" for k in range(len(self.in_tensorized_features)))
-        outs = tuple(f"o{k}" for k in range(len(self.out_tensorized_features)))
-        key = tuple(sorted(sizes.items()))
-        factorized = cheapest_order((("b", *ins), *terms), ("b", *outs), key)
-        reconstructed = cheapest_order(tuple(terms), (*outs, *ins), key)
-        return factorized, reconstructed
+    def _plans(self, batch: int) -> tuple[ContractionPlan, ContractionPlan]:
+        return plan_forward(self.structure, batch)
 
     def macs(self, batch: int, implementation: str | None = None) -> int:
         """Multiply-adds of one forward on ``batch`` rows (bias excluded).
@@ -223,14 +252,7 @@ class FactorizedLinear(nn.Module):
         >>> layer.macs(1, "factorized") < layer.macs(1, "reconstructed")
         True
         """
-        implementation = implementation or self.implementation
-        factorized, reconstructed = self._plans(batch)
-        dense = reconstructed.macs + batch * self.in_features * self.out_features
-        if implementation == "factorized":
-            return factorized.macs
-        if implementation == "reconstructed":
-            return dense
-        return min(factorized.macs, dense)
+        return forward_macs(self.structure, batch, implementation or self.implementation)
 
     # -- forward -------------------------------------------------------------------------------
     def _cached_weight(self, indices: int) -> torch.Tensor:
@@ -315,7 +337,13 @@ class FactorizedLinear(nn.Module):
             raise ValueError(f"linear must be an nn.Linear; got {type(linear).__name__}")
         return cls.from_linear_list(
             [linear],
-            *_modes(linear, auto_tensorize, n_tensorized_modes, in_tensorized_features, out_tensorized_features),
+            *_modes(
+                linear,
+                auto_tensorize,
+                n_tensorized_modes,
+                in_tensorized_features,
+                out_tensorized_features,
+            ),
             rank=rank,
             bias=bias,
             factorization=factorization,
@@ -353,7 +381,9 @@ class FactorizedLinear(nn.Module):
             raise ValueError("linear_list must be a non-empty list of nn.Linear")
         shapes = {tuple(m.weight.shape) for m in linear_list}
         if len(shapes) != 1:
-            raise ValueError(f"linear_list layers must all have the same shape; got {sorted(shapes)}")
+            raise ValueError(
+                f"linear_list layers must all have the same shape; got {sorted(shapes)}"
+            )
         reference = linear_list[0].weight
         in_modes = validate_tensorized_features(
             in_tensorized_features, reference.shape[1], "in_tensorized_features"
@@ -388,13 +418,22 @@ class FactorizedLinear(nn.Module):
         layer._cache.clear()
         layer.train(linear_list[0].training)
         message = "tensorized %d Linear(s) %s→%s as %s ranks %s (%d params) in %.3fs"
-        args = (n_layers, in_modes, out_modes, layer.factorization, layer.rank, layer.n_parameters,
-                time.perf_counter() - start)
+        args = (
+            n_layers,
+            in_modes,
+            out_modes,
+            layer.factorization,
+            layer.rank,
+            layer.n_parameters,
+            time.perf_counter() - start,
+        )
         (log.info if verbose else log.debug)(message, *args)
         return layer
 
 
-def _modes(linear, auto_tensorize, n_modes, in_modes, out_modes) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _modes(
+    linear, auto_tensorize, n_modes, in_modes, out_modes
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     out_features, in_features = linear.weight.shape
     if in_modes is not None or out_modes is not None or not auto_tensorize:
         if in_modes is None or out_modes is None:

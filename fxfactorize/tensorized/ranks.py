@@ -123,7 +123,10 @@ def _fit_tt(probe: Structure, target: float) -> Structure:
         return (1, *(min(r, c) for c in caps[1:-1]), 1)
 
     r = 1
-    while uniform(r + 1) != uniform(r) and dataclasses_replace(probe, uniform(r + 1)).n_parameters <= target:
+    while (
+        uniform(r + 1) != uniform(r)
+        and dataclasses_replace(probe, uniform(r + 1)).n_parameters <= target
+    ):
         r += 1
     ranks = list(uniform(r))
     # raise single bonds, middle first, while that brings the count closer to the target

@@ -41,7 +41,9 @@ def tensorize_features(n_features: int, n_modes: int = 3) -> tuple[int, ...]:
     return tuple(sorted(modes))
 
 
-def validate_tensorized_features(value: Sequence[int], features: int | None, name: str) -> tuple[int, ...]:
+def validate_tensorized_features(
+    value: Sequence[int], features: int | None, name: str
+) -> tuple[int, ...]:
     """Check a tensorized shape (positive ints whose product is ``features`` when given).
 
     >>> validate_tensorized_features([4, 8], 32, "in_tensorized_features")
