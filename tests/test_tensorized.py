@@ -174,7 +174,7 @@ def test_checkpointing_gives_the_same_gradients():
     x = torch.randn(8, 32)
     plain(x).square().sum().backward()
     checkpointed(x).square().sum().backward()
-    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+    for a, b in zip(plain.parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad)
 
 

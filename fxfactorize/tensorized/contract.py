@@ -132,11 +132,11 @@ def contract(
     output = tuple(output)
     if plan is None:
         sizes: dict[str, int] = {}
-        for tensor, term in zip(operands, terms):
-            sizes.update(zip(term, tensor.shape))
+        for tensor, term in zip(operands, terms, strict=True):
+            sizes.update(zip(term, tensor.shape, strict=True))
         plan = cheapest_order(terms, output, tuple(sorted(sizes.items())))
     names = sorted({i for t in terms for i in t} | set(output))
-    letter = dict(zip(names, _LETTERS))
+    letter = dict(zip(names, _LETTERS, strict=False))
 
     def run(node: object) -> tuple[torch.Tensor, tuple[str, ...]]:
         if isinstance(node, int):

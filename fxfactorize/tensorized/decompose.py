@@ -112,7 +112,7 @@ def _tucker(
 def _core(tensor, factors, names, rank_names) -> torch.Tensor:
     return contract(
         [tensor, *factors],
-        [tuple(names), *zip(names, rank_names)],
+        [tuple(names), *zip(names, rank_names, strict=True)],
         tuple(rank_names),
     )
 

@@ -206,7 +206,7 @@ class FactorizedLinear(nn.Module):
     def _terms(self, indices: int) -> tuple[list[torch.Tensor], list[tuple[str, ...]]]:
         """Factors and labels for one layer (the layer mode, if any, sliced at ``indices``)."""
         tensors, terms = [], []
-        for factor, (_, labels) in zip(self.factors, self.structure.factors()):
+        for factor, (_, labels) in zip(self.factors, self.structure.factors(), strict=True):
             if "l" in labels:
                 position = labels.index("l")
                 factor = factor.select(position, indices)
@@ -410,7 +410,7 @@ class FactorizedLinear(nn.Module):
             weights = torch.stack([m.weight.detach().to(torch.float64).T for m in linear_list])
             tensor = weights.reshape(*([n_layers] if n_layers > 1 else []), *in_modes, *out_modes)
             factors = decompose(tensor, layer.structure, **(decomposition_kwargs or {}))
-            for param, value in zip(layer.factors, factors):
+            for param, value in zip(layer.factors, factors, strict=True):
                 param.copy_(value.to(param.dtype))
             if has_bias:
                 biases = torch.stack([m.bias.detach() for m in linear_list])

@@ -71,7 +71,7 @@ def resolve_ranks(
             raise ValueError(f"rank for {factorization!r} must start and end with 1; got {ranks}")
         if factorization == "tucker":
             sizes = list(probe.mode_sizes.values())
-            if any(r > n for r, n in zip(ranks, sizes)):
+            if any(r > n for r, n in zip(ranks, sizes, strict=True)):
                 raise ValueError(f"rank {ranks} exceeds the mode sizes {tuple(sizes)}")
         return dataclasses_replace(probe, ranks)
     raise ValueError(
@@ -111,7 +111,9 @@ def _fit_tucker(probe: Structure, target: float) -> Structure:
     base = ranks_at(hi)
     # then the best nearby combination: one rank step can move the core by > 10 %
     spread = 2 if len(sizes) <= 7 else 1
-    choices = [range(max(1, r - spread), min(n, r + spread) + 1) for r, n in zip(base, sizes)]
+    choices = [
+        range(max(1, r - spread), min(n, r + spread) + 1) for r, n in zip(base, sizes, strict=True)
+    ]
     best = min(itertools.product(*choices), key=lambda rs: abs(params(rs) - target))
     return dataclasses_replace(probe, tuple(best))
 

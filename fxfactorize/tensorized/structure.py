@@ -58,7 +58,7 @@ class Structure:
     @property
     def mode_sizes(self) -> dict[str, int]:
         sizes = ([self.n_layers] if self.n_layers > 1 else []) + [*self.in_modes, *self.out_modes]
-        return dict(zip(self.mode_names, sizes))
+        return dict(zip(self.mode_names, sizes, strict=True))
 
     def core_groups(self) -> list[tuple[str, ...]]:
         """Modes carried by each TT core: one mode each for TT, ``(i_k, o_k)`` pairs for blockTT."""
@@ -76,7 +76,8 @@ class Structure:
             rank_names = tuple(f"r{m}" for m in self.mode_names)
             core = (tuple(self.ranks), rank_names)
             return [core] + [
-                ((sizes[m], r), (m, f"r{m}")) for m, r in zip(self.mode_names, self.ranks)
+                ((sizes[m], r), (m, f"r{m}"))
+                for m, r in zip(self.mode_names, self.ranks, strict=True)
             ]
         out = []
         for k, group in enumerate(self.core_groups()):
@@ -94,7 +95,7 @@ class Structure:
         """Size of every rank index (summed once each in the reconstruction)."""
         sizes: dict[str, int] = {}
         for shape, labels in self.factors():
-            for label, n in zip(labels, shape):
+            for label, n in zip(labels, shape, strict=True):
                 if label.startswith("r"):
                     sizes[label] = n
         return sizes
