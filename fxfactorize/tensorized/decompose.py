@@ -42,8 +42,8 @@ def decompose(tensor: torch.Tensor, structure: Structure, **kwargs: object) -> l
     return _cp_als(
         tensor,
         structure,
-        int(kwargs.get("n_iter_max", 200)),
-        float(kwargs.get("tol", 1e-7)),
+        int(kwargs.get("n_iter_max", 50)),
+        float(kwargs.get("tol", 1e-8)),
         int(kwargs.get("seed", 0)),
     )
 
@@ -149,15 +149,15 @@ def _cp_als(
     matrix = tensor.reshape(math.prod(shape[:split]), -1)
     norm_sq = float(tensor.norm() ** 2)
     weights = torch.ones(rank, dtype=tensor.dtype)
+    grams = [f.T @ f for f in factors]  # kept up to date: only the updated factor's changes
     previous = None
-    ridge = 1e-12
     for _ in range(n_iter):
         for side, other in ((0, 1), (1, 0)):
             kr = _khatri_rao([factors[k] for k in sides[other]])
             half = matrix @ kr if side == 0 else matrix.T @ kr  # [prod(side dims), R]
             half = half.reshape(*(shape[k] for k in sides[side]), rank)
+            labels = tuple(f"m{k}" for k in sides[side])
             for m in sides[side]:
-                labels = [f"m{k}" for k in sides[side]]
                 mttkrp = contract(
                     [half, *(factors[k] for k in sides[side] if k != m)],
                     [(*labels, "r"), *((f"m{k}", "r") for k in sides[side] if k != m)],
@@ -166,15 +166,19 @@ def _cp_als(
                 gram = torch.ones(rank, rank, dtype=tensor.dtype)
                 for k in range(n):
                     if k != m:
-                        gram = gram * (factors[k].T @ factors[k])
-                gram.diagonal().add_(ridge * float(gram.diagonal().mean()))
-                updated = torch.linalg.solve(gram, mttkrp.T).T
+                        gram = gram * grams[k]
+                # a tiny ridge keeps the normal equations solvable when columns align
+                gram.diagonal().add_(1e-10 * float(gram.diagonal().mean()) + 1e-300)
+                chol, info = torch.linalg.cholesky_ex(gram)
+                if int(info) == 0:
+                    updated = torch.cholesky_solve(mttkrp.T, chol).T
+                else:
+                    updated = torch.linalg.lstsq(gram, mttkrp.T).solution.T
                 weights = updated.norm(dim=0).clamp_min(1e-300)
                 factors[m] = updated / weights
+                grams[m] = factors[m].T @ factors[m]
         # relative error from inner products, never forming the reconstruction
-        full_gram = torch.ones(rank, rank, dtype=tensor.dtype)
-        for k in range(n):
-            full_gram = full_gram * (factors[k].T @ factors[k])
+        full_gram = gram * grams[m]
         fit_sq = float(weights @ full_gram @ weights)
         inner = float((mttkrp * factors[m] * weights).sum())
         error = math.sqrt(max(0.0, norm_sq - 2 * inner + fit_sq)) / max(math.sqrt(norm_sq), 1e-300)
