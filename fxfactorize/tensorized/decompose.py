@@ -21,7 +21,8 @@ __all__ = ["decompose"]
 def decompose(tensor: torch.Tensor, structure: Structure, **kwargs: object) -> list[torch.Tensor]:
     """Factors of ``structure`` approximating ``tensor`` (shape: ``structure``'s modes).
 
-    ``kwargs``: ``n_iter_max`` and ``tol`` (CP, Tucker), ``seed`` (CP).
+    ``kwargs``: ``n_iter_max`` (HOOI sweeps, default 2; CP-ALS sweeps, default 50), ``tol`` (stop when
+    the relative error changes by less, default 1e-8), ``seed`` (CP).
 
     >>> s = Structure("tucker", (3, 4), (4, 3), 1, (3, 4, 4, 3))
     >>> t = torch.randn(3, 4, 4, 3, dtype=torch.float64)
@@ -37,7 +38,7 @@ def decompose(tensor: torch.Tensor, structure: Structure, **kwargs: object) -> l
         return _tt_svd(tensor, structure)
     if structure.format == "tucker":
         return _tucker(
-            tensor, structure, int(kwargs.get("n_iter_max", 5)), float(kwargs.get("tol", 1e-8))
+            tensor, structure, int(kwargs.get("n_iter_max", 2)), float(kwargs.get("tol", 1e-8))
         )
     return _cp_als(
         tensor,

@@ -101,8 +101,8 @@ def _fit_tucker(probe: Structure, target: float) -> Structure:
     def ranks_at(alpha: float) -> tuple[int, ...]:
         return tuple(min(n, max(1, round(alpha * n))) for n in sizes)
 
-    def params(ranks: tuple[int, ...]) -> int:
-        return dataclasses_replace(probe, ranks).n_parameters
+    def params(ranks: tuple[int, ...]) -> int:  # core + factors, without building a Structure
+        return math.prod(ranks) + sum(r * n for r, n in zip(ranks, sizes, strict=True))
 
     lo, hi = 0.0, 1.0
     for _ in range(50):  # bisection on a common fraction of every mode
