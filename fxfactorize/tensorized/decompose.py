@@ -21,7 +21,7 @@ __all__ = ["decompose"]
 def decompose(tensor: torch.Tensor, structure: Structure, **kwargs: object) -> list[torch.Tensor]:
     """Factors of ``structure`` approximating ``tensor`` (shape: ``structure``'s modes).
 
-    ``kwargs``: ``n_iter_max`` (HOOI sweeps, default 2; CP-ALS sweeps, default 50), ``tol`` (stop when
+    ``kwargs``: ``n_iter_max`` (HOOI sweeps, default 1; CP-ALS sweeps, default 50), ``tol`` (stop when
     the relative error changes by less, default 1e-8), ``seed`` (CP).
 
     >>> s = Structure("tucker", (3, 4), (4, 3), 1, (3, 4, 4, 3))
@@ -38,7 +38,7 @@ def decompose(tensor: torch.Tensor, structure: Structure, **kwargs: object) -> l
         return _tt_svd(tensor, structure)
     if structure.format == "tucker":
         return _tucker(
-            tensor, structure, int(kwargs.get("n_iter_max", 2)), float(kwargs.get("tol", 1e-8))
+            tensor, structure, int(kwargs.get("n_iter_max", 1)), float(kwargs.get("tol", 1e-8))
         )
     return _cp_als(
         tensor,
@@ -60,18 +60,37 @@ def _tt_svd(tensor: torch.Tensor, structure: Structure) -> list[torch.Tensor]:
     rest = work.reshape(-1)
     for k, dim in enumerate(dims[:-1]):
         rank = structure.ranks[k + 1]
-        u, s, vh = torch.linalg.svd(rest.reshape(left * dim, -1), full_matrices=False)
-        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-        if u.shape[1] < rank:  # bond larger than the matrix rank allows: pad with zeros
-            pad = rank - u.shape[1]
-            u = torch.cat([u, u.new_zeros(u.shape[0], pad)], 1)
-            s = torch.cat([s, s.new_zeros(pad)])
-            vh = torch.cat([vh, vh.new_zeros(pad, vh.shape[1])], 0)
+        u, s, vh = _truncated_svd(rest.reshape(left * dim, -1), rank)
         cores.append(u.reshape(left, *(sizes[m] for m in groups[k]), rank))
         rest = s[:, None] * vh
         left = rank
     cores.append(rest.reshape(left, *(sizes[m] for m in groups[-1]), 1))
     return cores
+
+
+def _truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
+    """Leading ``rank`` singular triplets through the Gram of the smaller side (float64; only the
+    leading part is kept, so squaring the condition number costs nothing that matters), padded
+    with zeros where the matrix has fewer."""
+    m, n = matrix.shape
+    small = min(m, n, rank)
+    if m <= n:
+        values, vectors = torch.linalg.eigh(matrix @ matrix.T)
+        u = vectors.flip(1)[:, :small]
+        s = values.flip(0)[:small].clamp_min(0).sqrt()
+        vh = (u.T @ matrix) / s.clamp_min(1e-300)[:, None]
+    else:
+        values, vectors = torch.linalg.eigh(matrix.T @ matrix)
+        vh = vectors.flip(1)[:, :small].T
+        s = values.flip(0)[:small].clamp_min(0).sqrt()
+        s = torch.where(s > 1e-12 * s.max().clamp_min(1e-300), s, torch.zeros_like(s))
+        u = (matrix @ vh.T) / torch.where(s > 0, s, torch.ones_like(s))  # null directions: ~0
+    if small < rank:  # bond larger than the matrix rank allows: pad with zeros
+        pad = rank - small
+        u = torch.cat([u, u.new_zeros(m, pad)], 1)
+        s = torch.cat([s, s.new_zeros(pad)])
+        vh = torch.cat([vh, vh.new_zeros(pad, n)], 0)
+    return u, s, vh
 
 
 def _leading_vectors(matrix: torch.Tensor, count: int) -> torch.Tensor:
