@@ -7,7 +7,8 @@ Run (tensorly-torch is installed for this run only; it is not a dependency of fx
 A ``Linear(n, n)`` (PyTorch's random init), batch 64, rank 0.25 of the dense parameters, modes
 (8, 8, 16) per side at n = 1024 and (4, 8, 8) at n = 256. Both libraries get the same ranks (ours
 from our rank policy, passed to theirs explicitly), so parameter counts match. One thread; every
-latency is the median of repeated runs. Ratios are ours / theirs, where "theirs" is the best
+latency ratio is the median, over
+repeats, of the ratio of two back-to-back runs (robust to load from other jobs). Ratios are ours / theirs, where "theirs" is the best
 tensorly-torch implementation that ran ('factorized' or 'reconstructed'), and ours / nn.Linear.
 "Memory" is the bytes autograd saves for backward in one training step (activations + weights
 views), the part that grows with the batch and that failed for tensorly-torch's factorized CP/Tucker.
@@ -44,17 +45,19 @@ def median_time(fn, repeats: int = 15, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def interleaved_ratio(fn_a, fn_b, repeats: int = 21, warmup: int = 3) -> float:
-    """median time of ``fn_a`` / median time of ``fn_b``, alternating calls so load drift hits both."""
+def interleaved_ratio(fn_a, fn_b, repeats: int = 31, warmup: int = 3) -> float:
+    """Median over repeats of time(fn_a) / time(fn_b), the two run back to back each repeat, so
+    a burst of load from other jobs on a shared machine hits both sides of a ratio alike."""
     for _ in range(warmup):
         fn_a(), fn_b()
-    times_a, times_b = [], []
+    ratios = []
     for _ in range(repeats):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times_a) / statistics.median(times_b)
+        start = time.perf_counter()
+        fn_a()
+        middle = time.perf_counter()
+        fn_b()
+        ratios.append((middle - start) / (time.perf_counter() - middle))
+    return statistics.median(ratios)
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
@@ -100,22 +103,29 @@ def build_theirs(linear, factorization, modes, rank, implementation):
         )
 
 
+def train_step(layer: nn.Module, x: torch.Tensor):
+    def step():
+        layer.zero_grad(set_to_none=True)
+        layer(x).sum().backward()
+
+    return step
+
+
+def eval_step(layer: nn.Module, x: torch.Tensor):
+    def step():
+        with torch.no_grad():
+            layer(x)
+
+    return step
+
+
 def measure(layer: nn.Module, x: torch.Tensor, reference: torch.Tensor) -> dict:
     layer.train()
     with torch.no_grad():
         error = nmse(layer(x), reference)
-
-    def train_step():
-        layer.zero_grad(set_to_none=True)
-        layer(x).sum().backward()
-
-    train = median_time(train_step, repeats=7, warmup=2)
+    train = median_time(train_step(layer, x), repeats=5, warmup=1)  # only to pick their best
     memory = saved_bytes(layer, x)
-    layer.eval()
-    with torch.no_grad():
-        evaluation = median_time(lambda: layer(x))
-    layer.train()
-    return {"nmse": error, "train": train, "eval": evaluation, "memory": memory}
+    return {"nmse": error, "train": train, "memory": memory}
 
 
 def their_build_subprocess(n: int, factorization: str, rank) -> float | None:
@@ -158,8 +168,7 @@ def run_case(n: int, factorization: str) -> list[str]:
     our_build = time.perf_counter() - start
     our = measure(ours, x, reference)
     ours.eval()
-    with torch.no_grad():
-        eval_vs_linear = interleaved_ratio(lambda: ours(x), lambda: linear(x))
+    eval_vs_linear = interleaved_ratio(eval_step(ours, x), eval_step(linear, x))
     row = {
         "case": f"{factorization} {n}×{n}",
         "ranks": str(ours.rank),
@@ -197,16 +206,21 @@ def run_case(n: int, factorization: str) -> list[str]:
                     results[implementation] = {**measure(theirs, x, reference), "build": build}
                 except (RuntimeError, MemoryError) as error:  # e.g. "tried to allocate 64 GB"
                     print(f"  tensorly-torch {factorization} {implementation}: {str(error)[:80]}")
-            theirs_best = min(results.values(), key=lambda r: r["train"])
             best_name = min(results, key=lambda k: results[k]["train"])
+            theirs_best = results[best_name]
+            their_layer = build_theirs(linear, factorization, modes, rank, best_name)
+            ours.train()
+            train_ratio = interleaved_ratio(train_step(ours, x), train_step(their_layer, x), 11, 2)
+            ours.eval(), their_layer.eval()
+            eval_ratio = interleaved_ratio(eval_step(ours, x), eval_step(their_layer, x))
             row.update(
                 {
                     "their impl": best_name,
                     "their params": f"{theirs_params / (n * n):.3f}",
                     "build ratio": f"{our_build / theirs_best['build']:.3f}",
                     "nmse ratio": f"{our['nmse'] / theirs_best['nmse']:.3f}",
-                    "train ratio": f"{our['train'] / theirs_best['train']:.3f}",
-                    "eval ratio": f"{our['eval'] / min(r['eval'] for r in results.values()):.3f}",
+                    "train ratio": f"{train_ratio:.3f}",
+                    "eval ratio": f"{eval_ratio:.3f}",
                     "memory ratio": f"{our['memory'] / theirs_best['memory']:.3f}",
                 }
             )
