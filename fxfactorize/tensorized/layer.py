@@ -90,11 +90,9 @@ def forward_macs(structure: Structure, batch: int, implementation: str = "auto")
     return reconstructed.macs + dense
 
 
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return bool(compiler.is_compiling())
-    return False
+_compiler = getattr(torch, "compiler", None)
+# torch.compiler.is_compiling exists from torch 2.3; bound once, it is a cheap call per forward
+_is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)
 
 
 class FactorizedLinear(nn.Module):
@@ -279,7 +277,8 @@ class FactorizedLinear(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def _cached_weight(self, indices: int) -> torch.Tensor:
-        key = tuple((p._version, p.data_ptr()) for p in self.factors)
+        # a factor changed in place bumps its _version; a swapped-in tensor has a new data_ptr
+        key = tuple((p._version, p.data_ptr()) for p in self.factors._parameters.values())
         hit = self._cache.get(indices)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -289,6 +288,16 @@ class FactorizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, indices: int = 0) -> torch.Tensor:
         """``x @ W_indices.T + bias``; ``x`` is ``[..., in_features]``."""
+        # inference fast path: the cached dense weight and nothing else, so it costs what
+        # nn.Linear costs
+        if (
+            not (self.training or torch.is_grad_enabled())
+            and type(indices) is int
+            and 0 <= indices < self.n_layers
+            and x.shape[-1] == self.in_features
+            and not _is_compiling()
+        ):
+            return F.linear(x, self._cached_weight(indices), self._bias(indices))
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"expected input with last dimension {self.in_features}; got shape {tuple(x.shape)}"
