@@ -110,11 +110,15 @@ def _fit_tucker(probe: Structure, target: float) -> Structure:
         lo, hi = (mid, hi) if params(ranks_at(mid)) < target else (lo, mid)
     base = ranks_at(hi)
     # then the best nearby combination: one rank step can move the core by > 10 %
-    spread = 2 if len(sizes) <= 7 else 1
-    choices = [
-        range(max(1, r - spread), min(n, r + spread) + 1) for r, n in zip(base, sizes, strict=True)
-    ]
-    best = min(itertools.product(*choices), key=lambda rs: abs(params(rs) - target))
+    best = base
+    for spread in (1, 2):  # widen the search only when the narrow one misses by more than 1 %
+        choices = [
+            range(max(1, r - spread), min(n, r + spread) + 1)
+            for r, n in zip(base, sizes, strict=True)
+        ]
+        best = min(itertools.product(*choices), key=lambda rs: abs(params(rs) - target))
+        if abs(params(best) - target) <= 0.01 * target or len(sizes) > 7:
+            break
     return dataclasses_replace(probe, tuple(best))
 
 
