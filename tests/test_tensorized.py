@@ -245,3 +245,18 @@ def test_unknown_method_is_a_value_error():
 
     with pytest.raises(ValueError, match="method must be one of"):
         ff.plan(nn.Sequential(nn.Linear(512, 512)), torch.randn(2, 512), method="ttm")
+
+
+def test_save_load_round_trips_a_tensorized_transform(tmp_path):
+    import fxfactorize as ff
+
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    x = torch.randn(4, 256)
+    gm = ff.transform(model, x, method="blocktt", latent_features=0.25, progress=False)
+    assert [r.method for r in gm.meta["fxfactorize"].factorized] == ["blocktt", "blocktt"]
+    ff.save(gm, tmp_path / "saved")
+    loaded = ff.load(tmp_path / "saved", model)
+    gm.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), gm(x))
