@@ -253,8 +253,8 @@ def test_save_load_round_trips_a_tensorized_transform(tmp_path):
     torch.manual_seed(8)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
     x = torch.randn(4, 256)
-    gm = ff.transform(model, x, method="blocktt", latent_features=0.25, progress=False)
-    assert [r.method for r in gm.meta["fxfactorize"].factorized] == ["blocktt", "blocktt"]
+    gm = ff.transform(model, x, method="tt", latent_features=32, progress=False)
+    assert [r.method for r in gm.meta["fxfactorize"].factorized] == ["tt", "tt"]
     ff.save(gm, tmp_path / "saved")
     loaded = ff.load(tmp_path / "saved", model)
     gm.eval(), loaded.eval()
