@@ -9,7 +9,7 @@ from fxfactorize.methods import get_method
 from fxfactorize.passes.cost import LAYER_META, LayerShape
 from fxfactorize.report import LayerRecord, Plan
 
-__all__ = ["plan_graph"]
+__all__ = ["method_for", "plan_graph"]
 
 _OP_NAMES = {"linear": "Linear", "conv2d": "Conv2d"}
 
@@ -30,6 +30,15 @@ def _layer_nodes(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, LayerShape]]:
     return layers
 
 
+def method_for(layer: LayerShape, config: FactorizeConfig) -> str:
+    """The method for ``layer``: ``config.method`` for Linear nodes; convs keep ``'lowrank'``.
+
+    >>> method_for(LayerShape("conv2d", 8, 8, (3, 3), 1, 1, False), FactorizeConfig(method="tt"))
+    'lowrank'
+    """
+    return config.method if layer.kind == "linear" else "lowrank"
+
+
 def _decide(layer: LayerShape, config: FactorizeConfig) -> tuple[int | None, str | None]:
     """The rank for ``layer``, or ``None`` and the reason it stays as it is."""
     if layer.kind == "linear":
@@ -48,7 +57,7 @@ def _decide(layer: LayerShape, config: FactorizeConfig) -> tuple[int | None, str
         )
     if not enabled:
         return None, f"{names[0]}=False"
-    method = get_method(config.method)
+    method = get_method(method_for(layer, config))
     refused = method.accepts(layer)
     if refused:
         return None, refused
@@ -80,10 +89,11 @@ def plan_graph(gm: fx.GraphModule, config: FactorizeConfig) -> Plan:
     >>> [record.rank for record in plan_graph(gm, FactorizeConfig()).layers]
     [128, None]
     """
-    method = get_method(config.method)
+    get_method(config.method)  # an unknown method is an error even if no Linear uses it
     records = []
     for target, (node, layer) in _layer_nodes(gm).items():
         rank, reason = _decide(layer, config)
+        method = get_method(method_for(layer, config))
         record = LayerRecord(
             node=node.name,
             target=str(target),
@@ -96,9 +106,11 @@ def plan_graph(gm: fx.GraphModule, config: FactorizeConfig) -> Plan:
             params_before=layer.params,
             rank=rank,
             reason=reason,
-            method=config.method,
+            method=method.name,
         )
         if rank is not None:
             record.macs_after, record.params_after = method.cost(layer, rank)
+            if hasattr(method, "detail"):
+                record.detail = method.detail(layer, rank)
         records.append(record)
     return Plan(records, config)
