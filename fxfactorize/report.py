@@ -328,7 +328,9 @@ def _config_from_dict(data: dict[str, Any] | None) -> object:
 
 def _parse(data: dict[str, Any], kind: str) -> tuple[list[LayerRecord], object]:
     if not isinstance(data, dict) or "layers" not in data:
-        raise ValueError(f"expected a {kind} dictionary with a 'layers' list; got {type(data).__name__}")
+        raise ValueError(
+            f"expected a {kind} dictionary with a 'layers' list; got {type(data).__name__}"
+        )
     version = data.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise ValueError(
