@@ -12,7 +12,10 @@ import pytest
 
 from fxfactorize.cli import main
 
-SMALL = ["--model", "cli_small_models:small_net", "--input-shape", "1x256x4x4"]
+MODEL = ["--model", "cli_small_models:small_net"]
+# small widths keep the tests fast; the thresholds are lowered to match
+SMALL = [*MODEL, "--input-shape", "1x64x4x4", "--min-channels", "32", "--min-features", "32"]
+SMALL += ["--latent-features", "16"]
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +31,8 @@ def small_models(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 
             def small_net():
                 return nn.Sequential(
-                    nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                    nn.Flatten(), nn.Linear(256, 300),
+                    nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                    nn.Flatten(), nn.Linear(64, 80),
                 )
 
             def not_a_model():
@@ -65,7 +68,7 @@ def test_options_before_the_subcommand_are_kept(capsys) -> None:
     code, out, _ = run(capsys, *SMALL, "--json", "plan", "--no-convs")
     assert code == 0
     layers = json.loads(out)["plan"]["layers"]
-    assert layers[0]["reason"] == "convs=False" and layers[1]["rank"] == 128
+    assert layers[0]["reason"] == "convs=False" and layers[1]["rank"] == 16
 
 
 def test_transform_saves_and_report_reads_it_back(capsys, tmp_path: Path) -> None:
@@ -99,7 +102,7 @@ def test_main_job_plans_transforms_checks_and_times(capsys, tmp_path: Path) -> N
     ("argv", "message"),
     [
         (["plan", "--model", "nonsense"], "--model must be"),
-        (["plan", *SMALL[:2], "--input-shape", "1xfoo"], "--input-shape must look like"),
+        (["plan", *MODEL, "--input-shape", "1xfoo"], "--input-shape must look like"),
         (["plan", *SMALL, "--latent-channels", "0"], "latent_channels must be"),
         (["plan", "--model", "cli_small_models:missing"], "cannot import 'missing'"),
         (["plan", "--model", "cli_small_models:not_a_model"], "not a torch.nn.Module"),
@@ -115,7 +118,7 @@ def test_usage_errors_exit_2(capsys, argv: list[str], message: str) -> None:
 
 
 def test_failures_exit_1_with_one_line(capsys, tmp_path: Path) -> None:
-    code, out, err = run(capsys, "plan", *SMALL[:2], "--input-shape", "1x3x4x4")
+    code, out, err = run(capsys, "plan", *MODEL, "--input-shape", "1x3x4x4")
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "ShapePropagationError" in err
     assert "Traceback" not in err
@@ -127,7 +130,7 @@ def test_debug_shows_the_traceback(capsys) -> None:
     from fxfactorize.errors import ShapePropagationError
 
     with pytest.raises(ShapePropagationError):
-        main(["plan", *SMALL[:2], "--input-shape", "1x3x4x4", "--debug"])
+        main(["plan", *MODEL, "--input-shape", "1x3x4x4", "--debug"])
 
 
 def test_verbose_logs_and_quiet_does_not(capsys, tmp_path: Path) -> None:
