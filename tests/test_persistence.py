@@ -41,7 +41,9 @@ def transformed(example: torch.Tensor):
         model.norm.running_mean.uniform_(-1, 1)
         model.norm.running_var.uniform_(0.5, 2)
     small = {"min_channels": 32, "min_features": 32}  # small widths keep the test fast
-    gm = ff.transform(model, example, progress=False, latent_channels=8, latent_features=16, **small)
+    gm = ff.transform(
+        model, example, progress=False, latent_channels=8, latent_features=16, **small
+    )
     return model, gm
 
 
