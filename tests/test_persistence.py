@@ -125,3 +125,14 @@ def test_torch_export_of_a_transformed_model(transformed, example) -> None:
     _, gm = transformed
     exported = torch.export.export(gm, (example,))
     assert torch.allclose(exported.module()(example), gm(example), atol=1e-5)
+
+
+def test_calibrated_model_round_trips(example, tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = SmallNet().eval()
+    small = {"min_channels": 32, "min_features": 32, "latent_channels": 8, "latent_features": 16}
+    gm = ff.transform(model, example, calibration=[example], progress=False, **small)
+    assert gm.meta["fxfactorize"].factorized[0].nmse_source == "calibration"
+    loaded = ff.load(ff.save(gm, tmp_path), SmallNet())
+    assert torch.equal(loaded(example), gm(example))
+    assert loaded.meta["fxfactorize"].factorized[0].nmse_source == "calibration"
