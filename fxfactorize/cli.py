@@ -357,6 +357,8 @@ def _prepare(args: argparse.Namespace) -> _Run:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
+    if getattr(args, "out", None) == "":
+        raise UsageError("--out must name a directory; got ''")
     shape = parse_input_shape(args.input_shape)
     torch.manual_seed(args.seed)
     model = build_model(args.model)
@@ -488,7 +490,20 @@ def _cmd_transform(args: argparse.Namespace, *, full_job: bool = False) -> int:
     return 0
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (it may be swapped)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+def _configure_logging(args: argparse.Namespace) -> logging.Handler:
+    """Send the library's log records to stderr at the level -q/-v ask for; returns the handler."""
     level = (
         logging.ERROR
         if args.quiet
@@ -496,11 +511,10 @@ def _configure_logging(args: argparse.Namespace) -> None:
     )
     logger = logging.getLogger("fxfactorize")
     logger.setLevel(level)
-    if not any(getattr(h, "_fxfactorize_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("fxfactorize: %(levelname)s: %(message)s"))
-        handler._fxfactorize_cli = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("fxfactorize: %(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -516,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse already printed the usage line
         return int(exit_.code or 0)
-    _configure_logging(args)
+    handler = _configure_logging(args)
     commands = {
         "plan": _cmd_plan,
         "transform": _cmd_transform,
@@ -535,3 +549,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         print(f"fxfactorize: error: {type(error).__name__}: {message}", file=sys.stderr)
         return 1
+    finally:  # main() may be called repeatedly in one process (tests, notebooks)
+        logging.getLogger("fxfactorize").removeHandler(handler)
+        logging.getLogger("fxfactorize").setLevel(logging.NOTSET)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+import types
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -102,6 +104,22 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: Any) -> fx.GraphModule:
     [(5, 2)]
     """
     args = normalize_inputs(gm, example_inputs)
-    with torch.no_grad(), evaluation_mode(gm):
+    with torch.no_grad(), evaluation_mode(gm), _torch_traceback_silenced():
         ShapePropagation(gm).propagate(*args)
     return gm
+
+
+@contextlib.contextmanager
+def _torch_traceback_silenced() -> Iterator[None]:
+    """torch's ``ShapeProp`` prints a traceback to stderr before re-raising; the library never
+    prints, and the :class:`ShapePropagationError` we raise already names the node and the cause."""
+    module = sys.modules[ShapeProp.__module__]
+    original = getattr(module, "traceback", None)
+    if original is None:  # a torch version that does not print
+        yield
+        return
+    module.traceback = types.SimpleNamespace(print_exc=lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        module.traceback = original

@@ -1,0 +1,164 @@
+"""The command line: tables, --json, save/report, exit codes 0/1/2, quiet/verbose."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fxfactorize.cli import main
+
+MODEL = ["--model", "cli_small_models:small_net"]
+# small widths keep the tests fast; the thresholds are lowered to match
+SMALL = [*MODEL, "--input-shape", "1x64x4x4", "--min-channels", "32", "--min-features", "32"]
+SMALL += ["--latent-features", "16"]
+
+
+@pytest.fixture(autouse=True)
+def small_models(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module with model factories, importable as ``cli_small_models`` (like a user's package)."""
+    folder = tmp_path_factory.getbasetemp() / "cli_models"
+    folder.mkdir(exist_ok=True)
+    (folder / "cli_small_models.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            def small_net():
+                return nn.Sequential(
+                    nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                    nn.Flatten(), nn.Linear(64, 80),
+                )
+
+            def not_a_model():
+                return 3
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(folder))
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_plan_prints_the_table(capsys) -> None:
+    code, out, _ = run(capsys, "plan", *SMALL)
+    assert code == 0
+    assert out.startswith("fxfactorize plan")
+    assert "2 of 2 Linear/Conv layers factorized" in out
+
+
+def test_plan_json_is_one_document(capsys) -> None:
+    code, out, _ = run(capsys, "plan", *SMALL, "--latent-channels", "16", "--json")
+    assert code == 0
+    document = json.loads(out)
+    assert document["plan"]["kind"] == "plan"
+    assert document["plan"]["layers"][0]["rank"] == 16
+
+
+def test_options_before_the_subcommand_are_kept(capsys) -> None:
+    code, out, _ = run(capsys, *SMALL, "--json", "plan", "--no-convs")
+    assert code == 0
+    layers = json.loads(out)["plan"]["layers"]
+    assert layers[0]["reason"] == "convs=False" and layers[1]["rank"] == 16
+
+
+def test_transform_saves_and_report_reads_it_back(capsys, tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    code, out, _ = run(capsys, "transform", *SMALL, "--out", str(out_dir), "-q")
+    assert code == 0 and "saved to" in out
+    assert (out_dir / "plan.json").exists() and (out_dir / "weights.pt").exists()
+    code, out, _ = run(capsys, "report", str(out_dir))
+    assert code == 0
+    assert "fxfactorize report" in out and "(weights)" in out
+    code, out, _ = run(capsys, "report", str(out_dir), "--json")
+    assert code == 0 and json.loads(out)["report"]["kind"] == "report"
+
+
+def test_bench_reports_both_latencies(capsys) -> None:
+    code, out, _ = run(capsys, "bench", *SMALL, "--repeats", "2", "--warmup", "0", "--json")
+    assert code == 0
+    times = json.loads(out)["median_seconds"]
+    assert set(times) == {"original", "transformed"} and all(t > 0 for t in times.values())
+
+
+def test_main_job_plans_transforms_checks_and_times(capsys, tmp_path: Path) -> None:
+    code, out, _ = run(capsys, *SMALL, "--repeats", "1", "--warmup", "0", "--out", str(tmp_path))
+    assert code == 0
+    for part in ("fxfactorize plan", "fxfactorize report", "all finite", "median ms", "saved to"):
+        assert part in out
+    assert (tmp_path / "plan.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["plan", "--model", "nonsense"], "--model must be"),
+        (["plan", *MODEL, "--input-shape", "1xfoo"], "--input-shape must look like"),
+        (["plan", *SMALL, "--latent-channels", "0"], "latent_channels must be"),
+        (["plan", "--model", "cli_small_models:missing"], "cannot import 'missing'"),
+        (["plan", "--model", "cli_small_models:not_a_model"], "not a torch.nn.Module"),
+        (["plan", "--bogus"], "unrecognized arguments"),
+        (["transform", *SMALL, "--out", ""], "--out must name a directory"),
+        (["plan", "--min-features", "many"], "invalid int value"),
+    ],
+)
+def test_usage_errors_exit_2(capsys, argv: list[str], message: str) -> None:
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err
+
+
+def test_failures_exit_1_with_one_line(capsys, tmp_path: Path) -> None:
+    code, out, err = run(capsys, "plan", *MODEL, "--input-shape", "1x3x4x4")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "ShapePropagationError" in err
+    assert "Traceback" not in err
+    code, _, err = run(capsys, "report", str(tmp_path))
+    assert code == 1 and "LoadError" in err
+
+
+def test_debug_shows_the_traceback(capsys) -> None:
+    from fxfactorize.errors import ShapePropagationError
+
+    with pytest.raises(ShapePropagationError):
+        main(["plan", *MODEL, "--input-shape", "1x3x4x4", "--debug"])
+
+
+def test_verbose_logs_and_quiet_does_not(capsys, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "transform", *SMALL, "--out", str(tmp_path), "-v", "--no-progress")
+    assert code == 0
+    assert "fxfactorize: INFO: 2 of 2 Linear/Conv layers factorized" in err
+    code, _, err = run(capsys, "bench", *SMALL, "--repeats", "1", "-q")
+    assert code == 0 and err == ""
+
+
+def test_help_documents_every_config_field(capsys) -> None:
+    import dataclasses
+
+    from fxfactorize import FactorizeConfig
+
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for field in dataclasses.fields(FactorizeConfig):
+        assert "--" + field.name.replace("_", "-") in out
+    assert "Exit codes" in out
+
+
+def test_python_dash_m_exit_code_for_usage_errors() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fxfactorize", "plan", "--input-shape", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("fxfactorize: error:")
