@@ -1,0 +1,15 @@
+"""Pins the latency cost model's device profile so that plans in tests never depend on timing."""
+
+import pytest
+
+from fxfactorize.costmodels import DeviceProfile, set_device_profile
+
+# A plausible CPU: 50 GFLOP/s, 10 GB/s, 5 µs per call. Tests that need other numbers pin their own.
+TEST_PROFILE = DeviceProfile(flops_per_s=5e10, bytes_per_s=1e10, launch_s=5e-6)
+
+
+@pytest.fixture(autouse=True)
+def _pinned_device_profile():
+    set_device_profile(TEST_PROFILE)
+    yield
+    set_device_profile(None)
