@@ -9,10 +9,13 @@
 
 import logging
 
+from fxfactorize import surgery
 from fxfactorize.api import plan, transform
+from fxfactorize.apply import apply_factorization
 from fxfactorize.config import FactorizeConfig
+from fxfactorize.core.composer_api import factorize_conv2d, factorize_matrix
 from fxfactorize.core.solution import LowRankSolution
-from fxfactorize.errors import FactorizeError, ShapePropagationError, TraceError
+from fxfactorize.errors import CalibrationError, FactorizeError, ShapePropagationError, TraceError
 from fxfactorize.modules.factorized import (
     FactorizedConv2d,
     FactorizedLinear,
@@ -25,6 +28,11 @@ logging.getLogger("fxfactorize").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationError",
+    "apply_factorization",
+    "surgery",
+    "factorize_conv2d",
+    "factorize_matrix",
     "FactorizeConfig",
     "FactorizeError",
     "FactorizedConv2d",
