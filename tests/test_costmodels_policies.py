@@ -170,3 +170,15 @@ def test_device_profile_is_measured_once_and_cached_on_disk(tmp_path, monkeypatc
     monkeypatch.setattr(roofline, "_MEASURED", {})  # a new process reads the file
     assert roofline.device_profile().launch_s == 3.0
     assert calls == [1]
+
+
+def test_calibrated_budget_predicts_errors_from_the_statistics():
+    model, x = _spectral_mlp(), torch.randn(2, 64)
+    torch.manual_seed(1)
+    mixing = torch.randn(64, 4)  # inputs on a 4-dim subspace: rank 4 is exact on this data
+    batches = [torch.randn(32, 4) @ mixing.T for _ in range(4)]
+    gm = ff.transform(model, x, budget=0.5, calibration=batches, cost_model="macs", **OPTS)
+    report = gm.meta["fxfactorize"]
+    assert report.totals()["macs_after"] <= 0.5 * report.totals()["macs_before"]
+    first = next(r for r in report.layers if r.target == "0")
+    assert first.nmse_source == "calibration" and first.nmse < 1e-6

@@ -22,7 +22,7 @@ from fxfactorize.policies import (
 )
 from fxfactorize.report import LayerRecord, Plan
 
-__all__ = ["plan_graph"]
+__all__ = ["candidate_targets", "plan_graph"]
 
 _OP_NAMES = {"linear": "Linear", "conv2d": "Conv2d"}
 
@@ -166,6 +166,18 @@ def _policy_ranks(
     total = sum(cost_model.cost(site, None) for _, site, _ in entries)
     fixed = total - sum(item.original_cost for item in items)
     return allocate_budget(items, config.budget * total - fixed)
+
+
+def candidate_targets(gm: fx.GraphModule, config: FactorizeConfig) -> list[str]:
+    """Targets of the layers ``config`` considers at all (before any rank or cost decision).
+
+    Calibration-aware policies (``tolerance``/``budget``) calibrate these before planning.
+    """
+    return [
+        str(target)
+        for target, (_, layer) in _layer_nodes(gm).items()
+        if _skip_reason(layer, config) is None
+    ]
 
 
 def plan_graph(
