@@ -1,6 +1,7 @@
 """Pins the latency cost model's device profile so that plans in tests never depend on timing."""
 
 import pytest
+import torch
 
 from fxfactorize.costmodels import DeviceProfile, set_device_profile
 
@@ -10,6 +11,9 @@ TEST_PROFILE = DeviceProfile(flops_per_s=5e10, bytes_per_s=1e10, launch_s=5e-6)
 
 @pytest.fixture(autouse=True)
 def _pinned_device_profile():
-    set_device_profile(TEST_PROFILE)
+    dtypes = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    for dtype in dtypes:
+        set_device_profile(TEST_PROFILE, dtype=dtype)
     yield
-    set_device_profile(None)
+    for dtype in dtypes:
+        set_device_profile(None, dtype=dtype)
