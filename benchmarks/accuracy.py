@@ -44,12 +44,17 @@ class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(),
         )
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(),
-                                  nn.Linear(128, 10))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x.reshape(-1, 1, 8, 8)))
@@ -88,18 +93,22 @@ def main() -> None:
         for budget in (0.75, 0.5, 0.25):
             for mode in ("data-free", "calibrated"):
                 calibration = list(x_train.split(256)) if mode == "calibrated" else None
-                gm = ff.transform(model, x_test[:8], budget=budget, calibration=calibration,
-                                  **options)
+                gm = ff.transform(
+                    model, x_test[:8], budget=budget, calibration=calibration, **options
+                )
                 totals = gm.meta["fxfactorize"].totals()
                 limit = totals["macs_before"] / totals["macs_after"]
                 score = accuracy(gm, x_test, y_test)
-                rows.append([name, mode, budget, f"{score:.2f}", f"{limit:.2f}",
-                             f"{score - base:+.2f}"])
+                rows.append(
+                    [name, mode, budget, f"{score:.2f}", f"{limit:.2f}", f"{score - base:+.2f}"]
+                )
                 points.append((name, mode, limit, score, base))
     headers = ["model", "solve", "budget", "test accuracy %", "MAC limit ×", "Δ vs original"]
     table = tabulate(rows, headers, tablefmt="github")
-    text = (f"digits ({len(x_test)} test images), {args.epochs} epochs, cost_model='macs'; "
-            f"1 CPU thread\n\n{table}\n")
+    text = (
+        f"digits ({len(x_test)} test images), {args.epochs} epochs, cost_model='macs'; "
+        f"1 CPU thread\n\n{table}\n"
+    )
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "accuracy.md").write_text(text)
@@ -113,8 +122,12 @@ def main() -> None:
         for name in ("mlp", "cnn"):
             for mode, marker in (("data-free", "o"), ("calibrated", "s")):
                 chosen = [p for p in points if p[0] == name and p[1] == mode]
-                axis.plot([p[2] for p in chosen], [p[3] for p in chosen], marker=marker,
-                          label=f"{name} {mode}")
+                axis.plot(
+                    [p[2] for p in chosen],
+                    [p[3] for p in chosen],
+                    marker=marker,
+                    label=f"{name} {mode}",
+                )
             base = next(p[4] for p in points if p[0] == name)
             axis.scatter([1.0], [base], marker="*", s=120)
         axis.set_xlabel("MAC-limit speedup (MACs before ÷ after)")

@@ -146,7 +146,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = run(args)
     machine = (
-        torch.cuda.get_device_name() if args.device == "cuda"
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
         else f"CPU, {torch.get_num_threads()} thread(s)"
     )
     table = tabulate(rows, HEADERS, tablefmt="github")

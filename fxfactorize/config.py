@@ -120,19 +120,25 @@ class FactorizeConfig:
         get_cost_model(self.cost_model)  # raises ValueError naming cost_model
         tolerance, budget = self.tolerance, self.budget
         if tolerance is not None and not (
-            isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool)
+            isinstance(tolerance, numbers.Real)
+            and not isinstance(tolerance, bool)
             and 0.0 < tolerance < 1.0
         ):
             raise ValueError(f"tolerance must be None or a float in (0, 1); got {tolerance!r}")
         if budget is not None and not (
-            isinstance(budget, numbers.Real) and not isinstance(budget, bool) and 0.0 < budget <= 1.0
+            isinstance(budget, numbers.Real)
+            and not isinstance(budget, bool)
+            and 0.0 < budget <= 1.0
         ):
             raise ValueError(f"budget must be None or a float in (0, 1]; got {budget!r}")
         if tolerance is not None and budget is not None:
             raise ValueError("set at most one of tolerance and budget; got both")
         multiple = self.rank_multiple
-        if not (isinstance(multiple, numbers.Integral) and not isinstance(multiple, bool)
-                and multiple >= 1):
+        if not (
+            isinstance(multiple, numbers.Integral)
+            and not isinstance(multiple, bool)
+            and multiple >= 1
+        ):
             raise ValueError(f"rank_multiple must be an int >= 1; got {multiple!r}")
 
     def replace(self, **overrides: Any) -> FactorizeConfig:

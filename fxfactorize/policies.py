@@ -31,9 +31,7 @@ __all__ = [
 log = logging.getLogger("fxfactorize")
 
 
-def error_curve(
-    weight: torch.Tensor, moments: InputMoments | None = None
-) -> torch.Tensor:
+def error_curve(weight: torch.Tensor, moments: InputMoments | None = None) -> torch.Tensor:
     """Predicted nmse of the best pair at per-group rank ``k``, for ``k = 0 … max_rank``.
 
     ``weight`` is grouped, ``[G, M_g, D_g]`` (see ``methods.lowrank.grouped_weight``).

@@ -71,8 +71,13 @@ def test_latency_model_factorizes_compute_bound_layers():
 
 
 def test_a_cost_model_instance_decides():
-    p = ff.plan(_mlp(), torch.randn(2, 64), cost_model=StubCostModel(paying=set()), latent_features=16,
-                **OPTS)
+    p = ff.plan(
+        _mlp(),
+        torch.randn(2, 64),
+        cost_model=StubCostModel(paying=set()),
+        latent_features=16,
+        **OPTS,
+    )
     assert not p.factorized and "stub cost model" in p.layers[0].reason
 
 
@@ -132,11 +137,18 @@ def test_allocate_budget_spends_on_the_largest_error_reduction_per_cost():
 
 def test_rank_multiple_rounds_up_only_when_the_cost_model_says_it_is_free():
     x = torch.randn(2, 64)
-    free = ff.plan(_mlp(), x, cost_model=StubCostModel(free_multiple=8), latent_features=13,
-                   rank_multiple=8, **OPTS)
+    free = ff.plan(
+        _mlp(),
+        x,
+        cost_model=StubCostModel(free_multiple=8),
+        latent_features=13,
+        rank_multiple=8,
+        **OPTS,
+    )
     assert {record.rank for record in free.layers} == {16}
-    costly = ff.plan(_mlp(), x, cost_model=StubCostModel(), latent_features=13, rank_multiple=8,
-                     **OPTS)
+    costly = ff.plan(
+        _mlp(), x, cost_model=StubCostModel(), latent_features=13, rank_multiple=8, **OPTS
+    )
     assert {record.rank for record in costly.layers} == {13}
 
 
@@ -150,8 +162,13 @@ def test_rank_multiple_rounds_up_only_when_the_cost_model_says_it_is_free():
     ],
 )
 def test_config_errors_name_the_argument(option, value, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        ValueError,
+        match=message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]"),
+    ):
         ff.FactorizeConfig(**{option: value})
     with pytest.raises(ValueError, match="at most one of tolerance and budget"):
         ff.FactorizeConfig(tolerance=0.1, budget=0.5)
@@ -160,8 +177,9 @@ def test_config_errors_name_the_argument(option, value, message):
 def test_device_profile_is_measured_once_and_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("FXFACTORIZE_CACHE_DIR", str(tmp_path))
     calls = []
-    monkeypatch.setattr(roofline, "_measure", lambda device, dtype: calls.append(1)
-                        or DeviceProfile(1.0, 2.0, 3.0))
+    monkeypatch.setattr(
+        roofline, "_measure", lambda device, dtype: calls.append(1) or DeviceProfile(1.0, 2.0, 3.0)
+    )
     monkeypatch.setattr(roofline, "_MEASURED", {})
     set_device_profile(None)  # unpin the test profile
     assert roofline.device_profile().bytes_per_s == 2.0

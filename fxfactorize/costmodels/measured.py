@@ -57,7 +57,9 @@ class MeasuredCostModel:
         if rank is None:
             return copy.deepcopy(site.module)  # timing must not touch the caller's module
         bias = getattr(site.module, "bias", None) is not None
-        return get_method(self.method).rebuild(site.module, site.layer, {"rank": rank, "bias": bias})
+        return get_method(self.method).rebuild(
+            site.module, site.layer, {"rank": rank, "bias": bias}
+        )
 
     def cost(self, site: LayerSite, rank: int | None) -> float:
         key = (site.layer, site.input_shape, site.dtype, site.device, rank)

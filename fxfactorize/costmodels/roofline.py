@@ -57,7 +57,9 @@ def _key(device: str, dtype: torch.dtype) -> str:
     if kind == "cuda":
         name = torch.cuda.get_device_name(torch.device(device))
     else:  # a CPU's speed depends on its thread count as much as on the chip
-        name = f"{platform.machine()}-{platform.processor() or 'cpu'}-threads{torch.get_num_threads()}"
+        name = (
+            f"{platform.machine()}-{platform.processor() or 'cpu'}-threads{torch.get_num_threads()}"
+        )
     return f"{kind}|{name}|{dtype}|torch{torch.__version__}"
 
 
@@ -152,9 +154,7 @@ class RooflineCostModel:
         size = torch.empty((), dtype=site.dtype).element_size()
         m = layer.positions
         if rank is None and layer.latent is None:
-            return layer.groups * profile.gemm_seconds(
-                m, layer.fan_in, layer.out_per_group, size
-            )
+            return layer.groups * profile.gemm_seconds(m, layer.fan_in, layer.out_per_group, size)
         rank = layer.latent if rank is None else rank
         per_group = max(rank // layer.groups, 1)
         first = profile.gemm_seconds(m, layer.fan_in, per_group, size)

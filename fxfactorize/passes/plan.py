@@ -46,17 +46,15 @@ def _layer_nodes(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, LayerShape]]:
 def _skip_reason(layer: LayerShape, config: FactorizeConfig) -> str | None:
     """Why ``layer`` is not considered at all (disabled, too narrow, unsupported), or ``None``."""
     if layer.kind == "linear":
-        enabled, min_size, latent, names = (
+        enabled, min_size, names = (
             config.linears,
             config.min_features,
-            config.latent_features,
             ("linears", "min_features"),
         )
     else:
-        enabled, min_size, latent, names = (
+        enabled, min_size, names = (
             config.convs,
             config.min_channels,
-            config.latent_channels,
             ("convs", "min_channels"),
         )
     if not enabled:
@@ -216,9 +214,12 @@ def plan_graph(
     for target, site, _ in entries:
         node, layer = layers[target]
         if policy.get(target, 0) is None:
-            rank, reason = None, (
-                f"budget={config.budget}: kept (no rank predicted cheaper by the cost model, "
-                "or the budget allows the original)"
+            rank, reason = (
+                None,
+                (
+                    f"budget={config.budget}: kept (no rank predicted cheaper by the cost model, "
+                    "or the budget allows the original)"
+                ),
             )
         else:
             rank, reason = _decide(layer, config, policy.get(target))
