@@ -21,6 +21,7 @@ from fxfactorize.modules.factorized import (
     FactorizedLinear,
     factorizing_could_speedup,
 )
+from fxfactorize.persistence import LoadError, load, save
 from fxfactorize.report import LayerRecord, Plan, Report
 
 logging.getLogger("fxfactorize").addHandler(logging.NullHandler())
@@ -40,12 +41,15 @@ __all__ = [
     "FactorizedConv2d",
     "FactorizedLinear",
     "LayerRecord",
+    "LoadError",
     "LowRankSolution",
     "Plan",
     "Report",
     "ShapePropagationError",
     "TraceError",
     "factorizing_could_speedup",
+    "load",
     "plan",
+    "save",
     "transform",
 ]
