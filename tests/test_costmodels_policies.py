@@ -200,3 +200,10 @@ def test_calibrated_budget_predicts_errors_from_the_statistics():
     assert report.totals()["macs_after"] <= 0.5 * report.totals()["macs_before"]
     first = next(r for r in report.layers if r.target == "0")
     assert first.nmse_source == "calibration" and first.nmse < 1e-6
+
+
+def test_a_report_with_a_cost_model_instance_serialises_its_name():
+    measured = MeasuredCostModel(timer=lambda call: 1.0 if call.rank is None else 0.1)
+    gm = ff.transform(_mlp(), torch.randn(2, 64), cost_model=measured, latent_features=8, **OPTS)
+    data = json.loads(gm.meta["fxfactorize"].to_json())
+    assert data["config"]["cost_model"] == "measured"
