@@ -131,6 +131,7 @@ def transform(
                 record,
                 nmse=result.nmse,
                 nmse_source=result.nmse_source,
+                detail=result.detail or record.detail,
                 params_after=sum(p.numel() for p in result.module.parameters()),
             )
         records.append(record)

@@ -54,6 +54,7 @@ class LayerRecord:
     nmse: float | None = None
     nmse_source: str | None = None
     method: str = "lowrank"
+    detail: str | None = None  # method-specific structure, e.g. a tensorized format's ranks
 
     @property
     def factorized(self) -> bool:
@@ -97,7 +98,7 @@ class LayerRecord:
             self.op,
             f"{self.in_features}→{self.out_features}",
             kernel,
-            self.rank if self.factorized else "-",
+            (self.detail or self.rank) if self.factorized else "-",
             format_count(self.macs_before),
             format_count(after_macs),
             format_count(self.params_before),

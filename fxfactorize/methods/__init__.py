@@ -8,4 +8,15 @@ from fxfactorize.methods.lowrank import LowRankMethod
 
 register_method(LowRankMethod())
 
-__all__ = ["LowRankMethod", "Method", "Solved", "get_method", "register_method"]
+from fxfactorize.methods.tensorized import TensorizedMethod, register_tensorized_methods  # noqa: E402
+
+register_tensorized_methods(register_method)
+
+__all__ = [
+    "LowRankMethod",
+    "Method",
+    "Solved",
+    "TensorizedMethod",
+    "get_method",
+    "register_method",
+]

@@ -21,6 +21,7 @@ class Solved:
     nmse: float
     nmse_source: str  # "weights" or "calibration"
     bias: bool  # whether the replacement carries an output bias
+    detail: str | None = None  # format-specific description (e.g. tensorized modes and ranks)
 
 
 class Method(Protocol):

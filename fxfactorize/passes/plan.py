@@ -22,7 +22,7 @@ from fxfactorize.policies import (
 )
 from fxfactorize.report import LayerRecord, Plan
 
-__all__ = ["candidate_targets", "plan_graph"]
+__all__ = ["candidate_targets", "method_for", "plan_graph"]
 
 _OP_NAMES = {"linear": "Linear", "conv2d": "Conv2d"}
 
@@ -43,6 +43,15 @@ def _layer_nodes(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, LayerShape]]:
     return layers
 
 
+def method_for(layer: LayerShape, config: FactorizeConfig) -> str:
+    """The method for ``layer``: ``config.method`` for Linear nodes; convs keep ``'lowrank'``.
+
+    >>> method_for(LayerShape("conv2d", 8, 8, (3, 3), 1, 1, False), FactorizeConfig(method="tt"))
+    'lowrank'
+    """
+    return config.method if layer.kind == "linear" else "lowrank"
+
+
 def _skip_reason(layer: LayerShape, config: FactorizeConfig) -> str | None:
     """Why ``layer`` is not considered at all (disabled, too narrow, unsupported), or ``None``."""
     if layer.kind == "linear":
@@ -59,7 +68,7 @@ def _skip_reason(layer: LayerShape, config: FactorizeConfig) -> str | None:
         )
     if not enabled:
         return f"{names[0]}=False"
-    refused = get_method(config.method).accepts(layer)
+    refused = get_method(method_for(layer, config)).accepts(layer)
     if refused:
         return refused
     if layer.groups > 1:
@@ -83,7 +92,7 @@ def _decide(
     reason = _skip_reason(layer, config)
     if reason:
         return None, reason
-    method = get_method(config.method)
+    method = get_method(method_for(layer, config))
     rank = _fixed_rank(layer, config) if rank is None else rank
     if layer.latent is not None and rank >= layer.latent:
         return None, f"already factorized at rank {layer.latent}"
@@ -133,7 +142,11 @@ def _policy_ranks(
     moments: Mapping[str, InputMoments] | None,
 ) -> dict[str, int | None]:
     """The rank the tolerance or budget policy gives each considered layer (``None``: keep it)."""
-    considered = [(target, site) for target, site, reason in entries if reason is None]
+    considered = [
+        (target, site)
+        for target, site, reason in entries
+        if reason is None and method_for(site.layer, config) == "lowrank"
+    ]
 
     def curve(target: str, site: LayerSite) -> torch.Tensor:
         stats = None if moments is None else moments.get(target)
@@ -162,7 +175,7 @@ def _policy_ranks(
             )
         )
     total = sum(cost_model.cost(site, None) for _, site, _ in entries)
-    fixed = total - sum(item.original_cost for item in items)
+    fixed = total - sum(item.original_cost for item in items)  # layers outside the allocation
     return allocate_budget(items, config.budget * total - fixed)
 
 
@@ -200,7 +213,7 @@ def plan_graph(
     >>> [record.rank for record in plan_graph(gm, FactorizeConfig()).layers]
     [128, None]
     """
-    method = get_method(config.method)
+    get_method(config.method)  # an unknown method is an error even if no Linear uses it
     cost_model = get_cost_model(config.cost_model)
     layers = _layer_nodes(gm)
     entries = [
@@ -223,10 +236,12 @@ def plan_graph(
             )
         else:
             rank, reason = _decide(layer, config, policy.get(target))
-        if rank is not None and not (config.budget is not None and target in policy):
+        lowrank = method_for(layer, config) == "lowrank"  # cost models/policies model a pair
+        if lowrank and rank is not None and not (config.budget is not None and target in policy):
             rank = _round_rank(site, rank, config, cost_model)
             reason = _too_slow(site, rank, cost_model)
             rank = None if reason else rank
+        method = get_method(method_for(layer, config))
         record = LayerRecord(
             node=node.name,
             target=str(target),
@@ -239,9 +254,11 @@ def plan_graph(
             params_before=layer.params,
             rank=rank,
             reason=reason,
-            method=config.method,
+            method=method.name,
         )
         if rank is not None:
             record.macs_after, record.params_after = method.cost(layer, rank)
+            if hasattr(method, "detail"):
+                record.detail = method.detail(layer, rank)
         records.append(record)
     return Plan(records, config)

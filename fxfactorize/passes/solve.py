@@ -31,10 +31,10 @@ def solve_plan(
     layers = {
         node.target: node.meta[LAYER_META] for node in gm.graph.nodes if LAYER_META in node.meta
     }
-    method = get_method(plan.config.method)
     solved: dict[str, Solved] = {}
     records = plan.factorized
     for record in tqdm(records, desc="solve", unit="layer", disable=not progress or not records):
+        method = get_method(record.method)
         module = gm.get_submodule(record.target)
         stats = None if moments is None else moments.get(record.target)
         try:

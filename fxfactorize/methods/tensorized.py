@@ -1,0 +1,120 @@
+"""Tensorized formats as pass methods: ``'cp'``, ``'tucker'``, ``'tt'``, ``'blocktt'`` for Linear nodes.
+
+The plan's rank ``r`` for a Linear sets the parameter budget: the tensorized layer gets as many
+parameters as the rank-``r`` pair would (``r · (in + out)``), so one ``latent_features`` knob means
+the same budget for every method. Modes are balanced factorizations of the features into 3.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxfactorize.core.lowrank import output_nmse
+from fxfactorize.core.moments import InputMoments
+from fxfactorize.methods.base import Solved
+from fxfactorize.passes.cost import LayerShape
+from fxfactorize.tensorized.layer import FactorizedLinear, forward_macs
+from fxfactorize.tensorized.ranks import resolve_ranks
+from fxfactorize.tensorized.structure import FORMATS, Structure
+from fxfactorize.tensorized.tensorize import tensorize_features
+
+__all__ = ["TensorizedMethod", "register_tensorized_methods"]
+
+N_MODES = 3
+
+
+class TensorizedMethod:
+    """Handler of one tensorized format (``method='cp'`` etc.) for ``nn.Linear`` nodes.
+
+    >>> from fxfactorize.passes.cost import LayerShape
+    >>> layer = LayerShape("linear", 1024, 1024, (), 1, positions=64, bias=True)
+    >>> TensorizedMethod("blocktt").detail(layer, 128)
+    'blocktt (8, 8, 16)→(8, 8, 16) ranks (1, 61, 62, 1)'
+    """
+
+    implementation = "auto"  # the pass's layers pick the cheaper forward per batch
+
+    def __init__(self, factorization: str) -> None:
+        self.name = factorization
+
+    def structure(self, layer: LayerShape, rank: int) -> Structure:
+        fraction = (
+            rank
+            * (layer.in_features + layer.out_features)
+            / (layer.in_features * layer.out_features)
+        )
+        return resolve_ranks(
+            self.name,
+            tensorize_features(layer.in_features, N_MODES),
+            tensorize_features(layer.out_features, N_MODES),
+            float(fraction),
+        )
+
+    def detail(self, layer: LayerShape, rank: int) -> str:
+        s = self.structure(layer, rank)
+        return f"{self.name} {s.in_modes}→{s.out_modes} ranks {s.ranks}"
+
+    def accepts(self, layer: LayerShape) -> str | None:
+        if layer.kind != "linear":
+            return f"method {self.name!r} handles Linear layers only, not {layer.kind}"
+        if layer.latent is not None:
+            return f"already factorized at rank {layer.latent}"
+        return None
+
+    def cost(self, layer: LayerShape, rank: int) -> tuple[int, int]:
+        s = self.structure(layer, rank)
+        macs = forward_macs(s, layer.positions, self.implementation)
+        return macs, s.n_parameters + (layer.out_features if layer.bias else 0)
+
+    def solve(
+        self, module: nn.Module, layer: LayerShape, rank: int, moments: InputMoments | None
+    ) -> Solved:
+        s = self.structure(layer, rank)
+        new = FactorizedLinear.from_linear(
+            module,
+            rank=s.ranks,
+            in_tensorized_features=s.in_modes,
+            out_tensorized_features=s.out_modes,
+            factorization=self.name,
+            implementation=self.implementation,
+        )
+        with torch.no_grad():
+            weight = module.weight.detach().to(torch.float64)
+            approx = new.get_weight().to(torch.float64)
+            if moments is None:  # white-input error: the discarded share of ‖W‖²
+                nmse, source = float((weight - approx).norm() ** 2 / weight.norm() ** 2), "weights"
+            else:
+                bias = None if module.bias is None else module.bias.detach()
+                nmse = output_nmse(weight[None], bias, approx[None], bias, moments)
+                source = "calibration"
+        return Solved(new, nmse, source, module.bias is not None, detail=self.detail(layer, rank))
+
+    def describe(self, replacement: nn.Module) -> dict:
+        return {
+            "factorization": replacement.factorization,
+            "in_tensorized_features": list(replacement.in_tensorized_features),
+            "out_tensorized_features": list(replacement.out_tensorized_features),
+            "rank": list(replacement.rank),
+            "bias": replacement.bias is not None,
+        }
+
+    def rebuild(self, module: nn.Module, layer: LayerShape, spec: dict) -> nn.Module:
+        new = FactorizedLinear(
+            tuple(spec["in_tensorized_features"]),
+            tuple(spec["out_tensorized_features"]),
+            bias=bool(spec["bias"]),
+            factorization=spec["factorization"],
+            rank=tuple(spec["rank"]),
+            implementation=self.implementation,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        new.train(module.training)
+        return new
+
+
+def register_tensorized_methods(register) -> None:
+    """Register one :class:`TensorizedMethod` per format with ``register``."""
+    for name in FORMATS:
+        register(TensorizedMethod(name))
