@@ -5,8 +5,9 @@ import torch
 
 from fxfactorize.costmodels import DeviceProfile, set_device_profile
 
-# A plausible CPU: 50 GFLOP/s, 10 GB/s, 5 µs per call. Tests that need other numbers pin their own.
-TEST_PROFILE = DeviceProfile(flops_per_s=5e10, bytes_per_s=1e10, launch_s=5e-6)
+# A CPU of 50 GFLOP/s and 10 GB/s with no per-call cost, so small test models are judged by
+# FLOPs and bytes (close to the MAC rule). Tests that need other numbers pin their own.
+TEST_PROFILE = DeviceProfile(flops_per_s=5e10, bytes_per_s=1e10, launch_s=0.0)
 
 
 @pytest.fixture(autouse=True)
