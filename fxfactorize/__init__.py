@@ -9,7 +9,7 @@
 
 import logging
 
-from fxfactorize import surgery
+from fxfactorize import costmodels, policies, surgery
 from fxfactorize.api import plan, transform
 from fxfactorize.apply import apply_factorization
 from fxfactorize.config import FactorizeConfig
@@ -33,6 +33,8 @@ __all__ = [
     "CalibrationError",
     "apply_factorization",
     "surgery",
+    "costmodels",
+    "policies",
     "factorize_conv2d",
     "factorize_matrix",
     "FactorizeConfig",

@@ -14,7 +14,7 @@ from fxfactorize.config import FactorizeConfig
 from fxfactorize.optimizers import update_optimizers
 from fxfactorize.passes.calibrate import calibrate, calibration_batches
 from fxfactorize.passes.cost import annotate_costs
-from fxfactorize.passes.plan import plan_graph
+from fxfactorize.passes.plan import candidate_targets, plan_graph
 from fxfactorize.passes.rewrite import replace_submodule, rewrite
 from fxfactorize.passes.shapes import propagate_shapes
 from fxfactorize.passes.solve import solve_plan
@@ -110,7 +110,12 @@ def transform(
     moments = None
     if calibration is not None:
         targets = [record.target for record in the_plan.factorized]
+        if config.tolerance is not None or config.budget is not None:
+            # these policies predict errors from the statistics: calibrate every candidate first
+            targets = candidate_targets(gm, config)
         moments = calibrate(gm, targets, calibration_batches(calibration), progress=config.progress)
+        if config.tolerance is not None or config.budget is not None:
+            the_plan = plan_graph(gm, config, moments=moments)
     solved = solve_plan(gm, the_plan, moments, progress=config.progress)
     replacements = {target: result.module for target, result in solved.items()}
     originals = {target: model.get_submodule(target) for target in replacements}

@@ -67,6 +67,17 @@ class FactorizeConfig:
         latent_channels: rank (latent channels) of factorized convs, int or fraction as above.
         method: the factorization method, a name registered in :mod:`fxfactorize.methods`.
         progress: show tqdm progress bars for long work.
+        cost_model: how a pair is judged cheaper: ``"latency"`` (default: a roofline calibrated
+            on the device; the pair must be predicted faster by a margin), ``"macs"`` (Composer's
+            rule: fewer multiply-adds), ``"measured"`` (times both), or a cost model instance
+            (see :mod:`fxfactorize.costmodels`).
+        tolerance: if set (a float in (0, 1)), each layer gets the smallest rank whose predicted
+            nmse is ≤ ``tolerance`` instead of ``latent_*``.
+        budget: if set (a float in (0, 1]), ranks are allocated across layers to minimise the
+            summed predicted nmse while the Linear/Conv layers' total cost (in the cost model's
+            unit: MACs or seconds) stays ≤ ``budget`` × the original.
+        rank_multiple: ranks are rounded up to a multiple of this where the cost model predicts
+            that costs nothing (with ``budget``: the grid of candidate ranks).
 
     >>> FactorizeConfig(latent_features=64).latent_features
     64
@@ -84,6 +95,10 @@ class FactorizeConfig:
     latent_channels: int | float = 0.25
     method: str = "lowrank"
     progress: bool = True
+    cost_model: Any = "latency"
+    tolerance: float | None = None
+    budget: float | None = None
+    rank_multiple: int = 1
 
     def __post_init__(self) -> None:
         for name in ("linears", "convs", "progress"):
@@ -93,10 +108,38 @@ class FactorizeConfig:
             object.__setattr__(self, name, _validate_min_size(getattr(self, name), name))
         for name in ("latent_features", "latent_channels"):
             object.__setattr__(self, name, validate_latent_size(getattr(self, name), name))
+        self._validate_rank_policy()
         if not isinstance(self.method, str):
             raise ValueError(
                 f"method must be a str naming a registered method; got {self.method!r}"
             )
+
+    def _validate_rank_policy(self) -> None:
+        from fxfactorize.costmodels import get_cost_model  # costmodels import modules → config
+
+        get_cost_model(self.cost_model)  # raises ValueError naming cost_model
+        tolerance, budget = self.tolerance, self.budget
+        if tolerance is not None and not (
+            isinstance(tolerance, numbers.Real)
+            and not isinstance(tolerance, bool)
+            and 0.0 < tolerance < 1.0
+        ):
+            raise ValueError(f"tolerance must be None or a float in (0, 1); got {tolerance!r}")
+        if budget is not None and not (
+            isinstance(budget, numbers.Real)
+            and not isinstance(budget, bool)
+            and 0.0 < budget <= 1.0
+        ):
+            raise ValueError(f"budget must be None or a float in (0, 1]; got {budget!r}")
+        if tolerance is not None and budget is not None:
+            raise ValueError("set at most one of tolerance and budget; got both")
+        multiple = self.rank_multiple
+        if not (
+            isinstance(multiple, numbers.Integral)
+            and not isinstance(multiple, bool)
+            and multiple >= 1
+        ):
+            raise ValueError(f"rank_multiple must be an int >= 1; got {multiple!r}")
 
     def replace(self, **overrides: Any) -> FactorizeConfig:
         """A copy with some fields changed; unknown names are a ``TypeError`` naming them.

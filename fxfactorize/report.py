@@ -306,11 +306,20 @@ class Report(_LayerTable):
         return cls(layers, config, seconds=float(data.get("seconds", 0.0)))
 
 
+def _plain(value: Any) -> Any:
+    """A JSON-able stand-in for a config value (e.g. a cost model instance becomes its name)."""
+    if value is None or isinstance(value, (str, int, float, bool, list, tuple, dict)):
+        return value
+    return getattr(value, "name", repr(value))
+
+
 def _config_to_dict(config: object) -> dict[str, Any] | None:
     if config is None:
         return None
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+        return {
+            field.name: _plain(getattr(config, field.name)) for field in dataclasses.fields(config)
+        }
     return dict(config)  # type: ignore[call-overload]
 
 

@@ -91,7 +91,9 @@ def test_nan_in_calibration_names_the_node():
 def test_calibrated_conv_with_stride_keeps_dtype_and_device():
     model = nn.Sequential(nn.Conv2d(64, 64, 3, stride=2, padding=1)).to(torch.bfloat16)
     x = torch.randn(2, 64, 6, 6, dtype=torch.bfloat16)
-    gm = ff.transform(model, x, calibration=[x], min_channels=64, progress=False)
+    gm = ff.transform(
+        model, x, calibration=[x], min_channels=64, cost_model="macs", progress=False
+    )  # a 9-position conv is launch-bound: only the MAC rule factorizes it
     factorized = gm.get_submodule("0")
     assert factorized.module0.weight.dtype == torch.bfloat16
     assert gm(x).shape == model(x).shape

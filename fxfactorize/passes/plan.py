@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
+import torch
 from torch import fx
 
 from fxfactorize.config import FactorizeConfig, resolve_latent_size
+from fxfactorize.core.moments import InputMoments
+from fxfactorize.costmodels import CostModel, LayerSite, get_cost_model
 from fxfactorize.methods import get_method
 from fxfactorize.passes.cost import LAYER_META, LayerShape
+from fxfactorize.policies import (
+    BudgetItem,
+    allocate_budget,
+    candidate_ranks,
+    module_error_curve,
+    rank_for_tolerance,
+)
 from fxfactorize.report import LayerRecord, Plan
 
-__all__ = ["method_for", "plan_graph"]
+__all__ = ["candidate_targets", "method_for", "plan_graph"]
 
 _OP_NAMES = {"linear": "Linear", "conv2d": "Conv2d"}
 
@@ -39,34 +52,48 @@ def method_for(layer: LayerShape, config: FactorizeConfig) -> str:
     return config.method if layer.kind == "linear" else "lowrank"
 
 
-def _decide(layer: LayerShape, config: FactorizeConfig) -> tuple[int | None, str | None]:
-    """The rank for ``layer``, or ``None`` and the reason it stays as it is."""
+def _skip_reason(layer: LayerShape, config: FactorizeConfig) -> str | None:
+    """Why ``layer`` is not considered at all (disabled, too narrow, unsupported), or ``None``."""
     if layer.kind == "linear":
-        enabled, min_size, latent, names = (
+        enabled, min_size, names = (
             config.linears,
             config.min_features,
-            config.latent_features,
             ("linears", "min_features"),
         )
     else:
-        enabled, min_size, latent, names = (
+        enabled, min_size, names = (
             config.convs,
             config.min_channels,
-            config.latent_channels,
             ("convs", "min_channels"),
         )
     if not enabled:
-        return None, f"{names[0]}=False"
-    method = get_method(method_for(layer, config))
-    refused = method.accepts(layer)
+        return f"{names[0]}=False"
+    refused = get_method(method_for(layer, config)).accepts(layer)
     if refused:
-        return None, refused
+        return refused
     if layer.groups > 1:
-        return None, f"grouped conv (groups={layer.groups}) is not factorized by this pass"
+        return f"grouped conv (groups={layer.groups}) is not factorized by this pass"
     smallest = min(layer.in_features, layer.out_features)
     if smallest < min_size:
-        return None, f"min(in, out)={smallest} < {names[1]}={min_size}"
-    rank = resolve_latent_size(latent, layer.in_features, layer.out_features)
+        return f"min(in, out)={smallest} < {names[1]}={min_size}"
+    return None
+
+
+def _fixed_rank(layer: LayerShape, config: FactorizeConfig) -> int:
+    """The rank ``latent_features`` / ``latent_channels`` gives ``layer`` (Composer's policy)."""
+    latent = config.latent_features if layer.kind == "linear" else config.latent_channels
+    return resolve_latent_size(latent, layer.in_features, layer.out_features)
+
+
+def _decide(
+    layer: LayerShape, config: FactorizeConfig, rank: int | None = None
+) -> tuple[int | None, str | None]:
+    """The rank for ``layer`` (``rank`` if given, else the fixed policy's), or ``None`` and why not."""
+    reason = _skip_reason(layer, config)
+    if reason:
+        return None, reason
+    method = get_method(method_for(layer, config))
+    rank = _fixed_rank(layer, config) if rank is None else rank
     if layer.latent is not None and rank >= layer.latent:
         return None, f"already factorized at rank {layer.latent}"
     macs_after, _ = method.cost(layer, rank)
@@ -75,10 +102,107 @@ def _decide(layer: LayerShape, config: FactorizeConfig) -> tuple[int | None, str
     return rank, None
 
 
-def plan_graph(gm: fx.GraphModule, config: FactorizeConfig) -> Plan:
+def _site(gm: fx.GraphModule, node: fx.Node, layer: LayerShape) -> LayerSite:
+    """Where ``node``'s layer runs: module, input shape, dtype and device, for the cost model."""
+    module = gm.get_submodule(node.target)
+    source = node.args[0] if node.args else None
+    meta = source.meta.get("tensor_meta") if isinstance(source, fx.Node) else None
+    shape = tuple(meta.shape) if getattr(meta, "shape", None) is not None else None
+    weight = next(module.parameters(), None)
+    dtype = weight.dtype if weight is not None else torch.float32
+    device = str(weight.device) if weight is not None else "cpu"
+    return LayerSite(layer, module, shape, dtype, device)
+
+
+def _too_slow(site: LayerSite, rank: int, cost_model: CostModel) -> str | None:
+    """The reason a pair at ``rank`` is not worth it by the cost model, or ``None``."""
+    if cost_model.pays(site, rank):
+        return None
+    before, after = cost_model.cost(site, None), cost_model.cost(site, rank)
+    return (
+        f"{cost_model.name} cost model: rank {rank} is not cheaper by "
+        f"{cost_model.margin:.0%} ({before:.3g} → {after:.3g} {cost_model.unit})"
+    )
+
+
+def _round_rank(site: LayerSite, rank: int, config: FactorizeConfig, cost_model: CostModel) -> int:
+    """``rank`` rounded up to a multiple of ``rank_multiple`` when that is predicted no costlier."""
+    multiple = config.rank_multiple
+    rounded = min(math.ceil(rank / multiple) * multiple, site.layer.max_rank)
+    if rounded > rank and cost_model.cost(site, rounded) <= cost_model.cost(site, rank):
+        return rounded
+    return rank
+
+
+def _policy_ranks(
+    gm: fx.GraphModule,
+    entries: list[tuple[str, LayerSite, str | None]],
+    config: FactorizeConfig,
+    cost_model: CostModel,
+    moments: Mapping[str, InputMoments] | None,
+) -> dict[str, int | None]:
+    """The rank the tolerance or budget policy gives each considered layer (``None``: keep it)."""
+    considered = [
+        (target, site)
+        for target, site, reason in entries
+        if reason is None and method_for(site.layer, config) == "lowrank"
+    ]
+
+    def curve(target: str, site: LayerSite) -> torch.Tensor:
+        stats = None if moments is None else moments.get(target)
+        return module_error_curve(site.module, stats)
+
+    if config.tolerance is not None:
+        return {
+            target: rank_for_tolerance(curve(target, site), config.tolerance)
+            for target, site in considered
+        }
+    items = []
+    for target, site in considered:
+        errors = curve(target, site)
+        ranks = candidate_ranks(
+            site.layer.max_rank,
+            lambda rank, site=site: cost_model.pays(site, rank),
+            config.rank_multiple,
+        )
+        items.append(
+            BudgetItem(
+                target,
+                ranks,
+                [float(errors[min(rank, errors.numel() - 1)]) for rank in ranks],
+                [cost_model.cost(site, rank) for rank in ranks],
+                cost_model.cost(site, None),
+            )
+        )
+    total = sum(cost_model.cost(site, None) for _, site, _ in entries)
+    fixed = total - sum(item.original_cost for item in items)  # layers outside the allocation
+    return allocate_budget(items, config.budget * total - fixed)
+
+
+def candidate_targets(gm: fx.GraphModule, config: FactorizeConfig) -> list[str]:
+    """Targets of the layers ``config`` considers at all (before any rank or cost decision).
+
+    Calibration-aware policies (``tolerance``/``budget``) calibrate these before planning.
+    """
+    return [
+        str(target)
+        for target, (_, layer) in _layer_nodes(gm).items()
+        if _skip_reason(layer, config) is None
+    ]
+
+
+def plan_graph(
+    gm: fx.GraphModule,
+    config: FactorizeConfig,
+    *,
+    moments: Mapping[str, InputMoments] | None = None,
+) -> Plan:
     """Decide, for each annotated Linear/Conv node of ``gm``, the rank or why it is skipped.
 
-    Needs the ``cost`` pass's annotations. Pure: ``gm`` is not changed.
+    Needs the ``cost`` pass's annotations. Pure: ``gm`` is not changed. The rank comes from
+    ``config``'s policy (fixed ``latent_*``, ``tolerance`` or ``budget``); ``moments``
+    (``{target: InputMoments}``) makes the tolerance/budget error predictions data-aware. A layer
+    is kept when ``config.cost_model`` does not predict the pair cheaper.
 
     >>> import torch
     >>> from torch import nn
@@ -90,9 +214,33 @@ def plan_graph(gm: fx.GraphModule, config: FactorizeConfig) -> Plan:
     [128, None]
     """
     get_method(config.method)  # an unknown method is an error even if no Linear uses it
+    cost_model = get_cost_model(config.cost_model)
+    layers = _layer_nodes(gm)
+    entries = [
+        (target, _site(gm, node, layer), _skip_reason(layer, config))
+        for target, (node, layer) in layers.items()
+    ]
+    policy: dict[str, int | None] = {}
+    if config.tolerance is not None or config.budget is not None:
+        policy = _policy_ranks(gm, entries, config, cost_model, moments)
     records = []
-    for target, (node, layer) in _layer_nodes(gm).items():
-        rank, reason = _decide(layer, config)
+    for target, site, _ in entries:
+        node, layer = layers[target]
+        if policy.get(target, 0) is None:
+            rank, reason = (
+                None,
+                (
+                    f"budget={config.budget}: kept (no rank predicted cheaper by the cost model, "
+                    "or the budget allows the original)"
+                ),
+            )
+        else:
+            rank, reason = _decide(layer, config, policy.get(target))
+        lowrank = method_for(layer, config) == "lowrank"  # cost models/policies model a pair
+        if lowrank and rank is not None and not (config.budget is not None and target in policy):
+            rank = _round_rank(site, rank, config, cost_model)
+            reason = _too_slow(site, rank, cost_model)
+            rank = None if reason else rank
         method = get_method(method_for(layer, config))
         record = LayerRecord(
             node=node.name,

@@ -1,0 +1,166 @@
+"""Speed of transformed models against the originals and against the MAC limit (issue 5).
+
+For each model and batch size, in one process: ``transform`` (timed), then original and
+transformed forward passes interleaved, median over repeats, eager and (``--compile``) under
+``torch.compile``. "MAC limit" is MACs before ÷ after over the Linear/Conv layers: the speedup
+if time were proportional to MACs. "realized ÷ limit" is the measured speedup divided by it.
+
+    uv run python benchmarks/speed.py --quick            # wide MLP + resnet50 at batch 1, eager
+    uv run python benchmarks/speed.py --device cuda --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from tabulate import tabulate
+from torch import nn
+
+import fxfactorize as ff
+
+
+def wide_mlp() -> nn.Module:
+    """Two blocks 2048→8192→2048 (the issue's wide MLP)."""
+    blocks = []
+    for _ in range(2):
+        blocks += [nn.Linear(2048, 8192), nn.GELU(), nn.Linear(8192, 2048)]
+    return nn.Sequential(*blocks)
+
+
+MODELS = {
+    "wide_mlp": (wide_mlp, lambda batch: torch.randn(batch, 2048)),
+    "vit_b_16": (torchvision.models.vit_b_16, lambda batch: torch.randn(batch, 3, 224, 224)),
+    "resnet50": (torchvision.models.resnet50, lambda batch: torch.randn(batch, 3, 224, 224)),
+    "convnext_tiny": (
+        torchvision.models.convnext_tiny,
+        lambda batch: torch.randn(batch, 3, 224, 224),
+    ),
+}
+
+
+def interleaved_medians(first, second, x, repeats: int, sync) -> tuple[float, float]:
+    """Median seconds of ``first(x)`` and ``second(x)``, alternating calls so load hits both."""
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.no_grad():
+        for fn in (first, second):  # warm-up (and compilation)
+            fn(x)
+            fn(x)
+        for _ in range(repeats):
+            for fn, samples in ((first, times[0]), (second, times[1])):
+                sync()
+                start = time.perf_counter()
+                fn(x)
+                sync()
+                samples.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def run(args: argparse.Namespace) -> list[list[object]]:
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    rows = []
+    for name in args.models:
+        build, make_input = MODELS[name]
+        for batch in args.batch_sizes:
+            if name == "wide_mlp" and batch != args.batch_sizes[0] and args.mlp_batch_only:
+                continue
+            batch = args.mlp_batch if name == "wide_mlp" else batch
+            torch.manual_seed(0)
+            model = build().eval().to(args.device)
+            x = make_input(batch).to(args.device)
+            options = {"progress": False, "cost_model": args.cost_model}
+            if args.budget is not None:
+                options["budget"] = args.budget
+            if args.rank_multiple > 1:
+                options["rank_multiple"] = args.rank_multiple
+            start = time.perf_counter()
+            gm = ff.transform(model, x, **options)
+            seconds = time.perf_counter() - start
+            totals = gm.meta["fxfactorize"].totals()
+            limit = totals["macs_before"] / totals["macs_after"]
+            modes = [("eager", model, gm)]
+            if args.compile:
+                modes.append(("compile", torch.compile(model), torch.compile(gm)))
+            for mode, original, transformed in modes:
+                before, after = interleaved_medians(original, transformed, x, args.repeats, sync)
+                speedup = before / after
+                rows.append(
+                    [
+                        name,
+                        batch,
+                        mode,
+                        f"{before * 1e3:.1f}",
+                        f"{after * 1e3:.1f}",
+                        f"{after / before:.2f}",
+                        f"{1 / limit:.3f}",
+                        f"{limit:.2f}",
+                        f"{speedup / limit:.2f}",
+                        f"{len(gm.meta['fxfactorize'].factorized)}",
+                        f"{seconds:.1f}",
+                    ]
+                )
+                print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
+            if name == "wide_mlp":
+                break  # the issue fixes its batch at 64
+    return rows
+
+
+HEADERS = [
+    "model",
+    "batch",
+    "mode",
+    "original ms",
+    "transformed ms",
+    "latency ratio",
+    "MAC ratio",
+    "MAC limit ×",
+    "realized ÷ limit",
+    "layers factorized",
+    "transform s",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--mlp-batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--compile", action="store_true", help="also time under torch.compile")
+    parser.add_argument("--cost-model", default="latency")
+    parser.add_argument("--budget", type=float, default=None)
+    parser.add_argument("--rank-multiple", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    parser.add_argument("--quick", action="store_true", help="wide MLP and resnet50, batch 1")
+    parser.add_argument("--out", default=None, help="write the table as Markdown here")
+    args = parser.parse_args()
+    args.mlp_batch_only = True
+    if args.quick:
+        args.models, args.batch_sizes, args.repeats = ["wide_mlp", "resnet50"], [1], 5
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run(args)
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"CPU, {torch.get_num_threads()} thread(s)"
+    )
+    table = tabulate(rows, HEADERS, tablefmt="github")
+    text = (
+        f"{machine}; torch {torch.__version__}; cost_model={args.cost_model}, "
+        f"budget={args.budget}, rank_multiple={args.rank_multiple}; medians of {args.repeats} "
+        f"interleaved repeats\n\n{table}\n"
+    )
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

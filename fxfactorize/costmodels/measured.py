@@ -1,0 +1,79 @@
+"""``cost_model="measured"``: time the original layer and the pair on the device, keep the faster."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from fxfactorize.costmodels.base import LayerSite
+from fxfactorize.costmodels.timing import median_seconds
+
+__all__ = ["MeasuredCostModel"]
+
+Timer = Callable[[Callable[[], object]], float]
+
+
+class MeasuredCostModel:
+    """Seconds measured by running each candidate on a random input of the traced shape.
+
+    The pair is built with random weights (timing does not depend on their values). With
+    ``compile=True`` both candidates run under ``torch.compile``. ``timer`` maps a zero-argument
+    callable to seconds (default: median of repeats); results are cached per shape and rank.
+
+    >>> from fxfactorize.passes.cost import LayerShape
+    >>> fake = lambda fn: 1.0 if getattr(fn, "rank", None) is None else 0.5
+    >>> model = MeasuredCostModel(timer=fake)
+    >>> model.timer is fake
+    True
+    """
+
+    name = "measured"
+    unit = "s"
+
+    def __init__(
+        self,
+        margin: float = 0.05,
+        compile: bool = False,
+        timer: Timer | None = None,
+        method: str = "lowrank",
+    ) -> None:
+        self.margin = margin
+        self.compile = compile
+        self.timer = timer or median_seconds
+        self.method = method
+        self._cache: dict[tuple, float] = {}
+
+    def _candidate(self, site: LayerSite, rank: int | None) -> nn.Module:
+        from fxfactorize.methods import get_method  # the registry imports the cost pass
+
+        if site.module is None or site.input_shape is None:
+            raise ValueError(
+                "cost_model='measured' needs the module and its input shape; "
+                f"got module={type(site.module).__name__}, input_shape={site.input_shape}"
+            )
+        if rank is None:
+            return copy.deepcopy(site.module)  # timing must not touch the caller's module
+        bias = getattr(site.module, "bias", None) is not None
+        return get_method(self.method).rebuild(
+            site.module, site.layer, {"rank": rank, "bias": bias}
+        )
+
+    def cost(self, site: LayerSite, rank: int | None) -> float:
+        key = (site.layer, site.input_shape, site.dtype, site.device, rank)
+        if key not in self._cache:
+            module = self._candidate(site, rank).eval()
+            runner = torch.compile(module) if self.compile else module
+            x = torch.randn(site.input_shape, dtype=site.dtype, device=site.device)
+
+            def call() -> object:
+                return runner(x)
+
+            call.rank = rank  # lets an injected timer tell the candidates apart
+            self._cache[key] = float(self.timer(call))
+        return self._cache[key]
+
+    def pays(self, site: LayerSite, rank: int) -> bool:
+        return self.cost(site, rank) <= (1.0 - self.margin) * self.cost(site, None)
