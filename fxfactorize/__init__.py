@@ -13,12 +13,14 @@ from fxfactorize.api import plan, transform
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.core.solution import LowRankSolution
 from fxfactorize.errors import FactorizeError, ShapePropagationError, TraceError
+from fxfactorize.modules.conv import FactorizedConv1d, FactorizedConv3d
 from fxfactorize.modules.factorized import (
     FactorizedConv2d,
     FactorizedLinear,
     factorizing_could_speedup,
 )
-from fxfactorize.report import LayerRecord, Plan, Report
+from fxfactorize.passes.regions import report_of
+from fxfactorize.report import LayerRecord, PartialReport, Plan, Report, UntracedModule
 
 logging.getLogger("fxfactorize").addHandler(logging.NullHandler())
 
@@ -27,15 +29,20 @@ __version__ = "0.1.0"
 __all__ = [
     "FactorizeConfig",
     "FactorizeError",
+    "FactorizedConv1d",
     "FactorizedConv2d",
+    "FactorizedConv3d",
     "FactorizedLinear",
     "LayerRecord",
     "LowRankSolution",
+    "PartialReport",
     "Plan",
     "Report",
     "ShapePropagationError",
     "TraceError",
+    "UntracedModule",
     "factorizing_could_speedup",
     "plan",
+    "report_of",
     "transform",
 ]

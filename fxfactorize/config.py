@@ -6,6 +6,8 @@ import dataclasses
 import numbers
 from typing import Any
 
+from torch import nn
+
 __all__ = ["FactorizeConfig", "resolve_latent_size", "validate_latent_size"]
 
 
@@ -51,6 +53,22 @@ def _validate_min_size(value: Any, name: str) -> int:
     raise ValueError(f"{name} must be an int >= 0; got {value!r}")
 
 
+def _validate_leaf_modules(value: Any) -> tuple:
+    if isinstance(value, (str, type)):  # one entry given bare
+        value = (value,)
+    try:
+        entries = tuple(value)
+    except TypeError:
+        entries = (value,)
+    for entry in entries:
+        if not (isinstance(entry, str) or (isinstance(entry, type) and issubclass(entry, nn.Module))):
+            raise ValueError(
+                "leaf_modules must hold nn.Module subclasses or qualified submodule names; "
+                f"got {entry!r}"
+            )
+    return entries
+
+
 @dataclasses.dataclass(frozen=True)
 class FactorizeConfig:
     """What to factorize and how.
@@ -67,6 +85,12 @@ class FactorizeConfig:
         latent_channels: rank (latent channels) of factorized convs, int or fraction as above.
         method: the factorization method, a name registered in :mod:`fxfactorize.methods`.
         progress: show tqdm progress bars for long work.
+        on_untraceable: ``"descend"`` (transform the largest submodules that torch.fx can trace
+            when the whole model cannot be traced) or ``"raise"`` (a ``TraceError``).
+        leaf_modules: extra module types or qualified names (relative to the model) that tracing
+            keeps as opaque calls, on top of :data:`DEFAULT_LEAF_MODULES`.
+        functional: also factorize ``F.linear``/``F.conv*``/``matmul`` calls whose weight is a
+            parameter (they become module calls first).
 
     >>> FactorizeConfig(latent_features=64).latent_features
     64
@@ -84,15 +108,23 @@ class FactorizeConfig:
     latent_channels: int | float = 0.25
     method: str = "lowrank"
     progress: bool = True
+    on_untraceable: str = "descend"
+    leaf_modules: tuple = ()
+    functional: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("linears", "convs", "progress"):
+        for name in ("linears", "convs", "progress", "functional"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
         for name in ("min_features", "min_channels"):
             object.__setattr__(self, name, _validate_min_size(getattr(self, name), name))
         for name in ("latent_features", "latent_channels"):
             object.__setattr__(self, name, validate_latent_size(getattr(self, name), name))
+        if self.on_untraceable not in ("descend", "raise"):
+            raise ValueError(
+                f"on_untraceable must be 'descend' or 'raise'; got {self.on_untraceable!r}"
+            )
+        object.__setattr__(self, "leaf_modules", _validate_leaf_modules(self.leaf_modules))
         if not isinstance(self.method, str):
             raise ValueError(
                 f"method must be a str naming a registered method; got {self.method!r}"

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from tabulate import tabulate
 
-__all__ = ["LayerRecord", "Plan", "Report", "format_count"]
+__all__ = ["LayerRecord", "PartialReport", "Plan", "Report", "UntracedModule", "format_count"]
 
 
 def format_count(value: int | float) -> str:
@@ -176,3 +176,39 @@ class Report(_LayerTable):
 
     def summary(self) -> str:
         return f"{super().summary()}; took {self.seconds:.2f}s"
+
+
+@dataclasses.dataclass(frozen=True)
+class UntracedModule:
+    """A module torch.fx could not trace whole (its traceable children were transformed instead)."""
+
+    name: str  # qualified name in the model; "" is the model itself
+    module_class: str
+    reason: str  # torch.fx's message
+
+
+class PartialReport(Report):
+    """The :class:`Report` of a model whose root did not trace: the table of every layer found in
+    the traced ``regions`` (qualified names of the submodules that became GraphModules or were
+    replaced whole), plus the ``untraced`` modules with torch.fx's reason.
+    """
+
+    def __init__(
+        self,
+        layers: Iterable[LayerRecord],
+        config: object,
+        seconds: float = 0.0,
+        regions: Iterable[str] = (),
+        untraced: Iterable[UntracedModule] = (),
+    ) -> None:
+        super().__init__(layers, config, seconds)
+        self.regions = list(regions)
+        self.untraced = list(untraced)
+
+    def __str__(self) -> str:
+        lines = [super().__str__(), f"traced regions: {', '.join(self.regions) or 'none'}"]
+        for module in self.untraced:
+            lines.append(
+                f"not traced: {module.name or '(model)'} ({module.module_class}): {module.reason}"
+            )
+        return "\n".join(lines)

@@ -1,0 +1,282 @@
+"""Partial tracing: when the model does not trace whole, transform its largest traceable parts.
+
+``find_regions`` walks the module tree from the root: a module that torch.fx traces is a region
+(its children are not visited); one that does not is recorded with torch.fx's reason and its
+children are tried in turn. A bare Linear/Conv child of an untraceable module is a region too.
+The inputs of every region come from running the *whole* model once on ``example_inputs`` with
+forward pre-hooks, so each region is shaped (and later calibrated) exactly as the model calls it;
+inputs the model passes as ``None`` are traced as constants (``concrete_args``) so optional
+branches such as ``if mask is not None`` follow the path the model takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fxfactorize.config import FactorizeConfig
+from fxfactorize.errors import TraceError
+from fxfactorize.passes.cost import annotate_costs
+from fxfactorize.passes.functional import convert_functional_layers
+from fxfactorize.passes.plan import plan_graph
+from fxfactorize.passes.rewrite import replace_submodule, rewrite
+from fxfactorize.passes.shapes import evaluation_mode, propagate_shapes
+from fxfactorize.passes.solve import solve_plan
+from fxfactorize.passes.trace import DEFAULT_LEAF_MODULES, trace
+from fxfactorize.report import LayerRecord, PartialReport, Plan, Report, UntracedModule
+
+__all__ = ["Region", "find_regions", "plan_regions", "report_of", "transform_regions"]
+
+log = logging.getLogger("fxfactorize")
+
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclasses.dataclass
+class Region:
+    """A traced part of the model: ``name`` (qualified), its GraphModule and how the model called it.
+
+    ``layer`` is true when the region is a bare Linear/Conv (traced through a one-call wrapper; the
+    factorized layer itself replaces it).
+    """
+
+    name: str
+    graph: fx.GraphModule
+    inputs: dict[str, Any]
+    layer: bool = False
+
+
+class _OneLayer(nn.Module):
+    """Wrapper that lets a bare layer be traced as a one-node graph."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.layer(input)
+
+
+def run_model(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` on a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def capture_calls(model: nn.Module, example_inputs: Any) -> dict[str, tuple[tuple, dict]]:
+    """``{qualified name: (args, kwargs)}`` of the first call of every submodule (and ``""``, the
+    model) while ``model`` runs once on ``example_inputs`` (eval mode, no grad)."""
+    calls: dict[str, tuple[tuple, dict]] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.setdefault(name, (args, dict(kwargs)))
+
+        return hook
+
+    handles = [
+        module.register_forward_pre_hook(hook_for(name), with_kwargs=True)
+        for name, module in model.named_modules()
+    ]
+    try:
+        with torch.no_grad(), evaluation_mode(model):
+            run_model(model, example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _bound_inputs(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _relative_leaves(config: FactorizeConfig, prefix: str) -> tuple:
+    """``config.leaf_modules`` as seen from the submodule ``prefix`` (names made relative)."""
+    leaves = []
+    for leaf in config.leaf_modules:
+        if isinstance(leaf, str):
+            if not prefix:
+                leaves.append(leaf)
+            elif leaf.startswith(prefix + "."):
+                leaves.append(leaf[len(prefix) + 1 :])
+        else:
+            leaves.append(leaf)
+    return tuple(leaves)
+
+
+def _is_leaf(module: nn.Module, name: str, config: FactorizeConfig) -> bool:
+    types = tuple(
+        leaf for leaf in (*DEFAULT_LEAF_MODULES, *config.leaf_modules) if isinstance(leaf, type)
+    )
+    return isinstance(module, types) or name in config.leaf_modules
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return any(parameter.dim() >= 2 for parameter in module.parameters())
+
+
+def find_regions(
+    model: nn.Module, example_inputs: Any, config: FactorizeConfig
+) -> tuple[list[Region], list[UntracedModule]]:
+    """The largest traceable submodules of ``model`` and the modules that did not trace.
+
+    >>> class Gate(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    ...     def forward(self, x):
+    ...         return self.body(x) if x.sum() > 0 else x  # data-dependent: torch.fx cannot trace it
+    >>> regions, untraced = find_regions(Gate(), torch.ones(2, 4), FactorizeConfig())
+    >>> [r.name for r in regions], [(u.name, u.module_class) for u in untraced]
+    (['body'], [('', 'Gate')])
+    """
+    calls = capture_calls(model, example_inputs)
+    regions: list[Region] = []
+    untraced: list[UntracedModule] = []
+    seen: set[int] = set()
+
+    def visit(module: nn.Module, name: str) -> None:
+        if id(module) in seen or not _has_weights(module):
+            return
+        seen.add(id(module))
+        if name and _is_leaf(module, name, config):
+            return  # the user (or the default policy) keeps it whole
+        if name not in calls:
+            untraced.append(
+                UntracedModule(name, type(module).__name__, "not called by example_inputs")
+            )
+            return
+        inputs = _bound_inputs(module, *calls[name])
+        if isinstance(module, _LAYER_TYPES):
+            gm = trace(_OneLayer(module))
+            regions.append(Region(name, gm, {"input": inputs[next(iter(inputs))]}, layer=True))
+            return
+        constants = {key: None for key, value in inputs.items() if value is None}
+        try:
+            gm = trace(module, _relative_leaves(config, name), concrete_args=constants or None)
+        except TraceError as error:
+            untraced.append(UntracedModule(name, type(module).__name__, error.reason))
+            log.debug(
+                "cannot trace %s (%s): %s", name or "the model", type(module).__name__, error.reason
+            )
+            for child_name, child in module.named_children():
+                visit(child, f"{name}.{child_name}" if name else child_name)
+            return
+        regions.append(Region(name, gm, inputs))
+
+    visit(model, "")
+    return regions, untraced
+
+
+def _analyse_region(region: Region, config: FactorizeConfig) -> Plan:
+    gm = region.graph
+    if config.functional:
+        convert_functional_layers(gm)
+    placeholders = {node.target for node in gm.graph.nodes if node.op == "placeholder"}
+    inputs = {key: value for key, value in region.inputs.items() if key in placeholders}
+    annotate_costs(propagate_shapes(gm, inputs))
+    return plan_graph(gm, config)
+
+
+def _qualify(record: LayerRecord, region: Region) -> LayerRecord:
+    if region.layer:  # the wrapper's one layer is the region itself
+        return dataclasses.replace(record, node=region.name, target=region.name)
+    return dataclasses.replace(
+        record, node=f"{region.name}.{record.node}", target=f"{region.name}.{record.target}"
+    )
+
+
+def plan_regions(model: nn.Module, example_inputs: Any, config: FactorizeConfig) -> Plan:
+    """:func:`~fxfactorize.plan` for a model whose root does not trace (``model`` is unchanged)."""
+    regions, untraced = find_regions(model, example_inputs, config)
+    records = []
+    for region in regions:
+        records += [_qualify(record, region) for record in _analyse_region(region, config).layers]
+    result = Plan(records, config)
+    result.regions = [region.name for region in regions]
+    result.untraced = untraced
+    return result
+
+
+def transform_regions(
+    model: nn.Module, example_inputs: Any, config: FactorizeConfig, started: float | None = None
+) -> nn.Module:
+    """Factorize the traceable regions of ``model`` in place and return it with its report.
+
+    The report (a :class:`~fxfactorize.report.PartialReport`) is ``model.meta["fxfactorize"]``;
+    :func:`report_of` finds it on any result of ``transform``.
+    """
+    started = time.perf_counter() if started is None else started
+    regions, untraced = find_regions(model, example_inputs, config)
+    records: list[LayerRecord] = []
+    for region in regions:
+        gm = region.graph
+        the_plan = _analyse_region(region, config)
+        solved = solve_plan(gm, the_plan, progress=config.progress)
+        rewrite(gm, {target: result.module for target, result in solved.items()})
+        for record in the_plan.layers:
+            result = solved.get(record.target)
+            if result is not None:
+                record = dataclasses.replace(
+                    record,
+                    nmse=result.nmse,
+                    nmse_source=result.nmse_source,
+                    params_after=sum(p.numel() for p in result.module.parameters()),
+                )
+            records.append(_qualify(record, region))
+        if solved:  # a region with nothing factorized keeps its original module
+            replace_submodule(model, region.name, gm.layer if region.layer else gm)
+    report = PartialReport(
+        records,
+        config,
+        seconds=time.perf_counter() - started,
+        regions=[region.name for region in regions],
+        untraced=untraced,
+    )
+    _attach(model, report)
+    log.info("%s (partial tracing: %d regions)", report.summary(), len(regions))
+    return model
+
+
+def _attach(model: nn.Module, report: Report) -> None:
+    meta = getattr(model, "meta", None)
+    if meta is None:
+        model.meta = {}
+        meta = model.meta
+    if not isinstance(meta, dict):
+        raise TypeError(
+            f"cannot attach the report: {type(model).__name__}.meta exists and is not a dict"
+        )
+    meta["fxfactorize"] = report
+
+
+def report_of(model: nn.Module) -> Report:
+    """The :class:`~fxfactorize.report.Report` that ``transform`` attached to its result.
+
+    A fully traced model returns a GraphModule with the report in ``gm.meta["fxfactorize"]``; a
+    partially traced one returns the original container with it in ``model.meta["fxfactorize"]``.
+
+    >>> import fxfactorize as ff
+    >>> gm = ff.transform(nn.Sequential(nn.Linear(512, 512)), torch.ones(1, 512), progress=False)
+    >>> report_of(gm).factorized[0].rank
+    128
+    """
+    meta = getattr(model, "meta", None)
+    if not isinstance(meta, dict) or "fxfactorize" not in meta:
+        raise ValueError(
+            f"{type(model).__name__} carries no fxfactorize report (not a transform result)"
+        )
+    return meta["fxfactorize"]
