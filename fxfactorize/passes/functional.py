@@ -109,6 +109,10 @@ def _fresh_name(gm: fx.GraphModule, base: str) -> str:
     return candidate
 
 
+def _targets(added: dict[tuple, str]) -> set[str]:
+    return {target for key in added for target in key[1:3] if isinstance(target, str)}
+
+
 def convert_functional_layers(gm: fx.GraphModule) -> list[str]:
     """Turn functional linear/conv/matmul calls on parameters into module calls, in place.
 
@@ -151,7 +155,9 @@ def convert_functional_layers(gm: fx.GraphModule) -> list[str]:
         call.meta = dict(node.meta)
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
+    for node in list(gm.graph.nodes):  # only our orphans: dead-code elimination would drop asserts
+        if node.op == "get_attr" and not node.users and node.target in _targets(added):
+            gm.graph.erase_node(node)
     still_used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
     for key in added:
         for target in key[1:3]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_flatten
 
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.errors import TraceError
@@ -29,7 +30,7 @@ from fxfactorize.passes.plan import plan_graph
 from fxfactorize.passes.rewrite import replace_submodule, rewrite
 from fxfactorize.passes.shapes import evaluation_mode, propagate_shapes
 from fxfactorize.passes.solve import solve_plan
-from fxfactorize.passes.trace import DEFAULT_LEAF_MODULES, trace
+from fxfactorize.passes.trace import DEFAULT_LEAF_MODULES, FactorizeTracer, trace
 from fxfactorize.report import LayerRecord, PartialReport, Plan, Report, UntracedModule
 
 __all__ = ["Region", "find_regions", "plan_regions", "report_of", "transform_regions"]
@@ -37,6 +38,7 @@ __all__ = ["Region", "find_regions", "plan_regions", "report_of", "transform_reg
 log = logging.getLogger("fxfactorize")
 
 _LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TORCH_LEAVES = FactorizeTracer()  # only its is_leaf_module is used: torch.fx's own leaf rule
 
 
 @dataclasses.dataclass
@@ -128,6 +130,46 @@ def _has_weights(module: nn.Module) -> bool:
     return any(parameter.dim() >= 2 for parameter in module.parameters())
 
 
+def _outputs_match(gm: fx.GraphModule, module: nn.Module, inputs: dict[str, Any]) -> bool:
+    """Whether the traced ``gm`` computes what ``module`` does on the captured ``inputs``."""
+    placeholders = [node.target for node in gm.graph.nodes if node.op == "placeholder"]
+    try:
+        with torch.no_grad(), evaluation_mode(module):
+            expected = module(**inputs)
+            got = gm(**{key: inputs[key] for key in placeholders if key in inputs})
+    except Exception:  # any failure means the trace took a path the model does not take
+        return False
+    expected_leaves, expected_spec = tree_flatten(expected)
+    got_leaves, got_spec = tree_flatten(got)
+    if expected_spec != got_spec:
+        return False
+    return all(
+        torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+        for a, b in zip(expected_leaves, got_leaves, strict=True)
+    )
+
+
+def _trace_region(
+    module: nn.Module, name: str, inputs: dict[str, Any], config: FactorizeConfig
+) -> fx.GraphModule:
+    """Trace ``module``; if the graph does not reproduce the call the model made (typically an
+    ``if x is not None`` taken on a proxy while the model passes ``None``), trace again with the
+    ``None`` inputs as constants. torch.fx then guards them (a non-``None`` value raises)."""
+    leaves = _relative_leaves(config, name)
+    gm = trace(module, leaves)
+    constants = {key: None for key, value in inputs.items() if value is None}
+    if not constants or _outputs_match(gm, module, inputs):
+        return gm
+    gm = trace(module, leaves, concrete_args=constants)
+    for node in gm.graph.nodes:  # torch.fx renames constant inputs ("mask_1"); keep the keyword
+        if node.op == "placeholder" and node.target not in inputs:
+            original = node.target.rpartition("_")[0]
+            if original in constants:
+                node.target = original
+    gm.recompile()
+    return gm
+
+
 def find_regions(
     model: nn.Module, example_inputs: Any, config: FactorizeConfig
 ) -> tuple[list[Region], list[UntracedModule]]:
@@ -154,19 +196,23 @@ def find_regions(
         seen.add(id(module))
         if name and _is_leaf(module, name, config):
             return  # the user (or the default policy) keeps it whole
-        if name not in calls:
-            untraced.append(
-                UntracedModule(name, type(module).__name__, "not called by example_inputs")
-            )
+        if name not in calls:  # a ModuleList/ModuleDict, or a module the inputs do not reach
+            if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+                reason = "not called by example_inputs"
+                untraced.append(UntracedModule(name, type(module).__name__, reason))
+            for child_name, child in module.named_children():
+                visit(child, f"{name}.{child_name}" if name else child_name)
             return
+        layer = isinstance(module, _LAYER_TYPES)
+        if name and not layer and _TORCH_LEAVES.is_leaf_module(module, name):
+            return  # a torch.nn layer with nothing to factorize (Embedding, LayerNorm, ...)
         inputs = _bound_inputs(module, *calls[name])
-        if isinstance(module, _LAYER_TYPES):
+        if layer:
             gm = trace(_OneLayer(module))
             regions.append(Region(name, gm, {"input": inputs[next(iter(inputs))]}, layer=True))
             return
-        constants = {key: None for key, value in inputs.items() if value is None}
         try:
-            gm = trace(module, _relative_leaves(config, name), concrete_args=constants or None)
+            gm = _trace_region(module, name, inputs, config)
         except TraceError as error:
             untraced.append(UntracedModule(name, type(module).__name__, error.reason))
             log.debug(
