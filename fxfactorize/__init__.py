@@ -20,7 +20,14 @@ from fxfactorize.modules.factorized import (
     factorizing_could_speedup,
 )
 from fxfactorize.passes.regions import report_of
-from fxfactorize.report import LayerRecord, PartialReport, Plan, Report, UntracedModule
+from fxfactorize.report import (
+    LayerRecord,
+    PartialPlan,
+    PartialReport,
+    Plan,
+    Report,
+    UntracedModule,
+)
 
 logging.getLogger("fxfactorize").addHandler(logging.NullHandler())
 
@@ -35,6 +42,7 @@ __all__ = [
     "FactorizedLinear",
     "LayerRecord",
     "LowRankSolution",
+    "PartialPlan",
     "PartialReport",
     "Plan",
     "Report",

@@ -61,7 +61,9 @@ def _validate_leaf_modules(value: Any) -> tuple:
     except TypeError:
         entries = (value,)
     for entry in entries:
-        if not (isinstance(entry, str) or (isinstance(entry, type) and issubclass(entry, nn.Module))):
+        if not (
+            isinstance(entry, str) or (isinstance(entry, type) and issubclass(entry, nn.Module))
+        ):
             raise ValueError(
                 "leaf_modules must hold nn.Module subclasses or qualified submodule names; "
                 f"got {entry!r}"

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 from tabulate import tabulate
 
-__all__ = ["LayerRecord", "PartialReport", "Plan", "Report", "UntracedModule", "format_count"]
+__all__ = ["LayerRecord", "Plan", "Report", "format_count"]
 
 
 def format_count(value: int | float) -> str:
@@ -187,6 +187,33 @@ class UntracedModule:
     reason: str  # torch.fx's message
 
 
+def _regions_text(regions: list[str], untraced: list[UntracedModule]) -> list[str]:
+    lines = [f"traced regions: {', '.join(regions) or 'none'}"]
+    for module in untraced:
+        name = module.name or "(model)"
+        lines.append(f"not traced: {name} ({module.module_class}): {module.reason}")
+    return lines
+
+
+class PartialPlan(Plan):
+    """The :class:`Plan` of a model whose root did not trace, with its ``regions`` and ``untraced``
+    modules (see :class:`PartialReport`)."""
+
+    def __init__(
+        self,
+        layers: Iterable[LayerRecord],
+        config: object,
+        regions: Iterable[str] = (),
+        untraced: Iterable[UntracedModule] = (),
+    ) -> None:
+        super().__init__(layers, config)
+        self.regions = list(regions)
+        self.untraced = list(untraced)
+
+    def __str__(self) -> str:
+        return "\n".join([super().__str__(), *_regions_text(self.regions, self.untraced)])
+
+
 class PartialReport(Report):
     """The :class:`Report` of a model whose root did not trace: the table of every layer found in
     the traced ``regions`` (qualified names of the submodules that became GraphModules or were
@@ -206,9 +233,7 @@ class PartialReport(Report):
         self.untraced = list(untraced)
 
     def __str__(self) -> str:
-        lines = [super().__str__(), f"traced regions: {', '.join(self.regions) or 'none'}"]
-        for module in self.untraced:
-            lines.append(
-                f"not traced: {module.name or '(model)'} ({module.module_class}): {module.reason}"
-            )
-        return "\n".join(lines)
+        return "\n".join([super().__str__(), *_regions_text(self.regions, self.untraced)])
+
+
+__all__ += ["PartialPlan", "PartialReport", "UntracedModule"]  # issue 7: partial tracing

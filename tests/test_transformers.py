@@ -231,6 +231,9 @@ def test_plan_of_an_untraceable_model_lists_regions_and_changes_nothing():
     the_plan = ff.plan(model, bert_inputs(), min_features=32, latent_features=RANK)
     assert the_plan.regions == ["layers.0", "layers.1", "pooler"]
     assert len(the_plan.factorized) == 5 and the_plan.untraced[0].module_class == "TinyBert"
+    assert isinstance(the_plan, ff.PartialPlan) and "not traced: (model) (TinyBert)" in str(
+        the_plan
+    )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

@@ -31,7 +31,14 @@ from fxfactorize.passes.rewrite import replace_submodule, rewrite
 from fxfactorize.passes.shapes import evaluation_mode, propagate_shapes
 from fxfactorize.passes.solve import solve_plan
 from fxfactorize.passes.trace import DEFAULT_LEAF_MODULES, FactorizeTracer, trace
-from fxfactorize.report import LayerRecord, PartialReport, Plan, Report, UntracedModule
+from fxfactorize.report import (
+    LayerRecord,
+    PartialPlan,
+    PartialReport,
+    Plan,
+    Report,
+    UntracedModule,
+)
 
 __all__ = ["Region", "find_regions", "plan_regions", "report_of", "transform_regions"]
 
@@ -251,10 +258,7 @@ def plan_regions(model: nn.Module, example_inputs: Any, config: FactorizeConfig)
     records = []
     for region in regions:
         records += [_qualify(record, region) for record in _analyse_region(region, config).layers]
-    result = Plan(records, config)
-    result.regions = [region.name for region in regions]
-    result.untraced = untraced
-    return result
+    return PartialPlan(records, config, [region.name for region in regions], untraced)
 
 
 def transform_regions(
