@@ -9,10 +9,13 @@
 
 import logging
 
+from fxfactorize import surgery
 from fxfactorize.api import plan, transform
+from fxfactorize.apply import apply_factorization
 from fxfactorize.config import FactorizeConfig
+from fxfactorize.core.composer_api import factorize_conv2d, factorize_matrix
 from fxfactorize.core.solution import LowRankSolution
-from fxfactorize.errors import FactorizeError, ShapePropagationError, TraceError
+from fxfactorize.errors import CalibrationError, FactorizeError, ShapePropagationError, TraceError
 from fxfactorize.modules.conv import FactorizedConv1d, FactorizedConv3d
 from fxfactorize.modules.factorized import (
     FactorizedConv2d,
@@ -20,6 +23,7 @@ from fxfactorize.modules.factorized import (
     factorizing_could_speedup,
 )
 from fxfactorize.passes.regions import report_of
+from fxfactorize.persistence import LoadError, load, save
 from fxfactorize.report import (
     LayerRecord,
     PartialPlan,
@@ -34,6 +38,11 @@ logging.getLogger("fxfactorize").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationError",
+    "apply_factorization",
+    "surgery",
+    "factorize_conv2d",
+    "factorize_matrix",
     "FactorizeConfig",
     "FactorizeError",
     "FactorizedConv1d",
@@ -41,6 +50,7 @@ __all__ = [
     "FactorizedConv3d",
     "FactorizedLinear",
     "LayerRecord",
+    "LoadError",
     "LowRankSolution",
     "PartialPlan",
     "PartialReport",
@@ -50,7 +60,9 @@ __all__ = [
     "TraceError",
     "UntracedModule",
     "factorizing_could_speedup",
+    "load",
     "plan",
     "report_of",
+    "save",
     "transform",
 ]

@@ -12,10 +12,12 @@ from torch import fx, nn
 
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.errors import TraceError
+from fxfactorize.optimizers import update_optimizers
+from fxfactorize.passes.calibrate import calibrate, calibration_batches
 from fxfactorize.passes.cost import annotate_costs
 from fxfactorize.passes.functional import convert_functional_layers
 from fxfactorize.passes.plan import plan_graph
-from fxfactorize.passes.regions import plan_regions, transform_regions
+from fxfactorize.passes.regions import calibratable_targets, plan_regions, transform_regions
 from fxfactorize.passes.rewrite import replace_submodule, rewrite
 from fxfactorize.passes.shapes import propagate_shapes
 from fxfactorize.passes.solve import solve_plan
@@ -107,9 +109,17 @@ def transform(
     Args:
         model: the model; deep-copied first unless ``inplace=True``.
         example_inputs: inputs for one forward pass, used for shapes and MAC counts.
-        calibration: reserved for data-aware solving (not supported yet).
+        calibration: batches for data-aware solving: an iterable (list, ``DataLoader``) whose
+            items are each a tensor, a tuple of positional inputs or a dict of keyword inputs
+            (a lone tensor is one batch). Each planned layer is then solved to minimise its
+            output error on these inputs (see :func:`fxfactorize.passes.calibrate.calibrate`),
+            and the report's nmse is exact on them (``nmse_source == "calibration"``).
         config: a :class:`FactorizeConfig`; ``**overrides`` replace its fields.
-        optimizers: reserved for optimizer updates (not supported yet).
+        optimizers: an optimizer (or a list of them) over ``model``'s parameters; its param
+            groups are updated to train the returned module: replaced layers' parameters are
+            swapped for the factorized ones (same group), and with ``inplace=False`` every
+            other parameter for its copy in the returned module. State of removed parameters
+            is dropped.
         inplace: factorize ``model``'s own modules instead of a copy.
 
     >>> import torch
@@ -120,8 +130,6 @@ def transform(
     """
     _check_model(model)
     config = FactorizeConfig.build(config, **overrides)
-    if calibration is not None or optimizers is not None:
-        raise NotImplementedError("calibration and optimizers are not supported yet")
     started = time.perf_counter()
     working = model if inplace else copy.deepcopy(model)
     try:
@@ -129,9 +137,16 @@ def transform(
     except TraceError:  # the root does not trace: transform its largest traceable submodules
         if config.on_untraceable == "raise":
             raise
-        return transform_regions(working, example_inputs, config, started)
-    solved = solve_plan(gm, the_plan, progress=config.progress)
+        return transform_regions(
+            working, example_inputs, config, started, calibration, optimizers, original=model
+        )
+    moments = None
+    if calibration is not None:
+        targets = calibratable_targets(gm, the_plan)
+        moments = calibrate(gm, targets, calibration_batches(calibration), progress=config.progress)
+    solved = solve_plan(gm, the_plan, moments, progress=config.progress)
     replacements = {target: result.module for target, result in solved.items()}
+    originals = {t: model.get_submodule(t) for t in replacements if _has_submodule(model, t)}
     rewrite(gm, replacements)
     if inplace:
         for target, module in replacements.items():
@@ -148,6 +163,8 @@ def transform(
                 params_after=sum(p.numel() for p in result.module.parameters()),
             )
         records.append(record)
+    if optimizers is not None:
+        update_optimizers(optimizers, model, gm, originals)
     report = Report(records, config, seconds=time.perf_counter() - started)
     gm.meta["fxfactorize"] = report
     log.info("%s", report.summary())

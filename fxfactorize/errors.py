@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FactorizeError", "ShapePropagationError", "TraceError"]
+__all__ = ["CalibrationError", "FactorizeError", "ShapePropagationError", "TraceError"]
 
 
 class FactorizeError(RuntimeError):
@@ -33,3 +33,12 @@ class ShapePropagationError(FactorizeError):
         super().__init__(
             f"shape propagation failed at graph node {node_name!r} (target {target}): {reason}"
         )
+
+
+class CalibrationError(FactorizeError):
+    """A calibration batch could not be run through the model; ``batch_index`` says which one."""
+
+    def __init__(self, batch_index: int, reason: str) -> None:
+        self.batch_index = batch_index
+        self.reason = reason
+        super().__init__(f"calibration batch {batch_index} does not fit the model: {reason}")

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import html
+import json
 from collections.abc import Iterable
+from typing import Any
 
 from tabulate import tabulate
 
-__all__ = ["LayerRecord", "Plan", "Report", "format_count"]
+__all__ = ["SCHEMA_VERSION", "LayerRecord", "Plan", "Report", "format_count"]
+
+#: Version of the dictionary/JSON layout written by ``Plan.to_dict`` / ``Report.to_dict``.
+#: Bumped only when a key changes meaning or disappears; new keys may appear without a bump.
+SCHEMA_VERSION = 1
 
 
 def format_count(value: int | float) -> str:
@@ -52,6 +59,29 @@ class LayerRecord:
     def factorized(self) -> bool:
         return self.rank is not None
 
+    def to_dict(self) -> dict[str, Any]:
+        """The record as JSON-able data (``kernel`` becomes a list).
+
+        >>> LayerRecord("fc", "fc", "Linear", 4, 2, (), 1, 8, 10).to_dict()["kernel"]
+        []
+        """
+        data = dataclasses.asdict(self)
+        data["kernel"] = list(self.kernel)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerRecord:
+        """Inverse of :meth:`to_dict`; keys this version does not know are ignored.
+
+        >>> record = LayerRecord("fc", "fc", "Linear", 4, 2, (), 1, 8, 10, rank=1)
+        >>> LayerRecord.from_dict(record.to_dict()) == record
+        True
+        """
+        known = {field.name for field in dataclasses.fields(cls)}
+        values = {key: value for key, value in data.items() if key in known}
+        values["kernel"] = tuple(values.get("kernel", ()))
+        return cls(**values)
+
     def row(self) -> list[object]:
         kernel = "×".join(map(str, self.kernel)) if self.kernel else "-"
         after_macs = self.macs_after if self.factorized else self.macs_before
@@ -94,6 +124,7 @@ class _LayerTable:
     """Shared table rendering and totals of :class:`Plan` and :class:`Report`."""
 
     title = ""
+    kind = ""
 
     def __init__(self, layers: Iterable[LayerRecord]) -> None:
         self.layers = list(layers)
@@ -150,6 +181,71 @@ class _LayerTable:
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self.summary()}>"
 
+    def _rows(self) -> list[list[object]]:
+        t = self.totals()
+        total = [format_count(t[key]) for key in ("macs_before", "macs_after")]
+        total += [format_count(t[key]) for key in ("params_before", "params_after")]
+        return [record.row() for record in self.layers] + [["total", "", "", "", "", *total, ""]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able data with a stable schema (see the README's "Report schema").
+
+        Keys: ``schema_version`` (int), ``kind`` (``"plan"`` or ``"report"``), ``config`` (the
+        :class:`~fxfactorize.config.FactorizeConfig` fields), ``totals`` (``macs_before``,
+        ``macs_after``, ``params_before``, ``params_after``), ``layers`` (one
+        :meth:`LayerRecord.to_dict` per layer); a report adds ``seconds``.
+
+        >>> import torch, fxfactorize as ff
+        >>> p = ff.plan(torch.nn.Sequential(torch.nn.Linear(512, 512)), torch.randn(2, 512))
+        >>> d = p.to_dict()
+        >>> d["schema_version"], d["kind"], d["layers"][0]["rank"]
+        (1, 'plan', 128)
+        """
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": self.kind,
+            "config": _config_to_dict(getattr(self, "config", None)),
+            "totals": self.totals(),
+            "layers": [record.to_dict() for record in self.layers],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as a JSON string; values JSON cannot hold are written with ``str``.
+
+        >>> import json, torch, fxfactorize as ff
+        >>> json.loads(ff.plan(torch.nn.Sequential(torch.nn.Linear(512, 512)), torch.randn(2, 512)).to_json())["kind"]
+        'plan'
+        """
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    def to_markdown(self) -> str:
+        """The table as GitHub-flavoured Markdown, followed by the one-line summary.
+
+        >>> import torch, fxfactorize as ff
+        >>> print(ff.plan(torch.nn.Sequential(torch.nn.Linear(512, 512)), torch.randn(2, 512)).to_markdown().splitlines()[0])
+        | node   | op     | in→out   | kernel   |   rank | MACs before   | MACs after   | params before   | params after   | nmse / reason   |
+        """
+        table = tabulate(self._rows(), headers=_HEADERS, tablefmt="github")
+        return f"{table}\n\n{self.summary()}"
+
+    def _repr_html_(self) -> str:
+        table = tabulate(self._rows(), headers=_HEADERS, tablefmt="html")
+        return f"<p><b>{html.escape(self.title)}</b></p>{table}<p>{html.escape(self.summary())}</p>"
+
+    def plot(self, figsize: tuple[float, float] = (10.0, 7.0)) -> Any:
+        """A matplotlib figure: MACs and params before/after per factorized layer, and nmse.
+
+        Needs matplotlib (``pip install 'fxfactorize[plot]'``).
+
+        >>> import torch, fxfactorize as ff
+        >>> gm = ff.transform(torch.nn.Sequential(torch.nn.Linear(512, 512)), torch.randn(2, 512), progress=False)
+        >>> len(gm.meta["fxfactorize"].plot().axes)
+        3
+        """
+        from fxfactorize._plotting import plot_layer_table
+
+        return plot_layer_table(self, figsize)
+
 
 class Plan(_LayerTable):
     """The decisions of the plan pass: a rank or a skip reason per Linear/Conv layer.
@@ -158,16 +254,30 @@ class Plan(_LayerTable):
     """
 
     title = "fxfactorize plan"
+    kind = "plan"
 
     def __init__(self, layers: Iterable[LayerRecord], config: object) -> None:
         super().__init__(layers)
         self.config = config
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """Rebuild a plan from :meth:`to_dict`'s output (``ValueError`` for a newer schema).
+
+        >>> import torch, fxfactorize as ff
+        >>> p = ff.plan(torch.nn.Sequential(torch.nn.Linear(512, 512)), torch.randn(2, 512))
+        >>> Plan.from_dict(p.to_dict()).layers == p.layers
+        True
+        """
+        layers, config = _parse(data, "plan")
+        return cls(layers, config)
 
 
 class Report(_LayerTable):
     """What ``transform`` did, attached to the result as ``gm.meta["fxfactorize"]``."""
 
     title = "fxfactorize report"
+    kind = "report"
 
     def __init__(self, layers: Iterable[LayerRecord], config: object, seconds: float = 0.0) -> None:
         super().__init__(layers)
@@ -176,6 +286,59 @@ class Report(_LayerTable):
 
     def summary(self) -> str:
         return f"{super().summary()}; took {self.seconds:.2f}s"
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Plan.to_dict`, plus ``seconds`` (wall time of ``transform``)."""
+        return {**super().to_dict(), "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """Rebuild a report from :meth:`to_dict`'s output (``ValueError`` for a newer schema).
+
+        >>> import torch, fxfactorize as ff
+        >>> gm = ff.transform(torch.nn.Sequential(torch.nn.Linear(512, 512)), torch.randn(2, 512), progress=False)
+        >>> again = Report.from_dict(gm.meta["fxfactorize"].to_dict())
+        >>> again.layers == gm.meta["fxfactorize"].layers, again.config.latent_features
+        (True, 128)
+        """
+        layers, config = _parse(data, "report")
+        return cls(layers, config, seconds=float(data.get("seconds", 0.0)))
+
+
+def _config_to_dict(config: object) -> dict[str, Any] | None:
+    if config is None:
+        return None
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    return dict(config)  # type: ignore[call-overload]
+
+
+def _config_from_dict(data: dict[str, Any] | None) -> object:
+    """A FactorizeConfig when the fields allow one, else the plain dict (e.g. from a newer version)."""
+    if data is None:
+        return None
+    from fxfactorize.config import FactorizeConfig  # config imports nothing from here; kept lazy
+
+    known = {field.name for field in dataclasses.fields(FactorizeConfig)}
+    try:
+        return FactorizeConfig(**{key: value for key, value in data.items() if key in known})
+    except (TypeError, ValueError):
+        return dict(data)
+
+
+def _parse(data: dict[str, Any], kind: str) -> tuple[list[LayerRecord], object]:
+    if not isinstance(data, dict) or "layers" not in data:
+        raise ValueError(
+            f"expected a {kind} dictionary with a 'layers' list; got {type(data).__name__}"
+        )
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise ValueError(
+            f"{kind} schema_version {version!r} is not readable by this fxfactorize "
+            f"(reads schema_version <= {SCHEMA_VERSION}); upgrade fxfactorize"
+        )
+    layers = [LayerRecord.from_dict(item) for item in data["layers"]]
+    return layers, _config_from_dict(data.get("config"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from torch import fx, nn
 
 import fxfactorize as ff
 from fxfactorize.errors import TraceError
+from fxfactorize.passes.regions import _Collecting
 
 WIDTH, HIDDEN, VOCAB, RANK = 64, 128, 50, 8
 
@@ -243,3 +244,36 @@ def test_leaf_modules_by_qualified_name_keep_a_region_whole():
     targets = {r.target for r in ff.report_of(result).factorized}
     assert "layers.0.mlp.0" in targets and not any(t.startswith("layers.1") for t in targets)
     assert type(result.layers[1]) is EncoderLayer
+
+
+def pooled_nmse(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(((candidate - reference) ** 2).mean() / reference.var())
+
+
+def test_calibrated_partial_transform_keeps_pooled_output_close():
+    """Statistics come from the whole model running keyword batches; held-out pooled nmse < 0.1."""
+    torch.manual_seed(0)
+    model = TinyBert().eval()
+    with torch.no_grad():  # token embeddings on a 6-d subspace: data-aware solving can exploit it
+        model.embed.weight.copy_(torch.randn(VOCAB, 6) @ torch.randn(6, WIDTH))
+    batches = [bert_inputs(seed) for seed in range(10, 18)]
+    held_out = bert_inputs(99)
+    options = {"min_features": 32, "latent_features": 16, "progress": False}
+    calibrated = ff.transform(model, bert_inputs(), calibration=batches, **options)
+    data_free = ff.transform(model, bert_inputs(), **options)
+    report = ff.report_of(calibrated)
+    assert {r.nmse_source for r in report.factorized} == {"calibration"}
+    with torch.no_grad():
+        reference = model(**held_out)["pooled"]
+        error = pooled_nmse(calibrated(**held_out)["pooled"], reference)
+        baseline = pooled_nmse(data_free(**held_out)["pooled"], reference)
+    assert error < 0.1 and error < baseline / 4
+    assert type(calibrated.layers[0]) is not _Collecting  # the stand-ins are gone
+
+
+def test_optimizer_follows_a_partial_transform():
+    model = make_low_rank(TinyBert())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = ff.transform(model, bert_inputs(), optimizers=optimizer, **OPTIONS)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert held == {id(p) for p in result.parameters()}

@@ -19,6 +19,7 @@ __all__ = [
     "factorize_weight",
     "output_nmse",
     "reduced_rank_regression",
+    "top_singular_pair",
     "truncated_svd",
 ]
 
@@ -122,15 +123,40 @@ def reduced_rank_regression(
             if lower
             else torch.linalg.solve(factor, target)
         )
-    p, s, qh = torch.linalg.svd(z, full_matrices=False)
-    root = s[:rank].sqrt()
-    left = p[:, :rank] * root
+    left, right, s = top_singular_pair(z, rank)
     wa = (
         torch.linalg.solve_triangular(factor.T, left, upper=True)
         if lower
         else torch.linalg.solve(factor.T, left)
     )
-    return wa, root.unsqueeze(1) * qh[:rank], s
+    return wa, right, s
+
+
+def top_singular_pair(
+    z: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` pair ``left @ right`` of ``z`` (``[D, M]``) and all singular values.
+
+    Uses the eigendecomposition of the smaller Gram matrix (``z zᵀ`` or ``zᵀ z``): a symmetric
+    eigensolver of size ``min(D, M)`` is several times faster than an SVD of ``z`` and, in float64,
+    accurate to far below the solver's ridge. Singular values are split evenly between the factors.
+
+    >>> z = torch.randn(5, 2, dtype=torch.float64) @ torch.randn(2, 7, dtype=torch.float64)
+    >>> left, right, s = top_singular_pair(z, 2)
+    >>> bool(torch.allclose(left @ right, z)), tuple(s.shape)
+    (True, (5,))
+    """
+    tall = z.shape[0] > z.shape[1]
+    gram = z.T @ z if tall else z @ z.T
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    values, vectors = values.flip(0), vectors.flip(1)
+    s = values.clamp_min(0).sqrt()
+    basis = vectors[:, :rank]
+    # even split of s between the factors; directions with s ≈ 0 keep scale 1 (no division by 0)
+    scale = torch.where(s[:rank] > s[0] * 1e-12, s[:rank].sqrt(), torch.ones_like(s[:rank]))
+    if tall:  # z ≈ (z Q_r) Q_rᵀ
+        return (z @ basis) / scale, scale.unsqueeze(1) * basis.T, s
+    return basis * scale, (basis.T @ z) / scale.unsqueeze(1), s  # z ≈ P_r (P_rᵀ z)
 
 
 def output_nmse(

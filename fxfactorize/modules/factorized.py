@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from fxfactorize.config import resolve_latent_size
+from fxfactorize.core.composer_api import factorize_conv2d, factorize_matrix
+from fxfactorize.core.lowrank import factorize_weight
 from fxfactorize.core.solution import LowRankSolution
 
 __all__ = [
@@ -88,6 +90,39 @@ class _FactorizedModule(nn.Module):
 
     def _solution_weights(self, solution: LowRankSolution) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def _solve_for_rank(self, input: torch.Tensor, rank: int) -> LowRankSolution:
+        raise NotImplementedError
+
+    def _checked_rank(self, rank: int | float) -> int:
+        """``rank`` resolved like ``latent_size``; it may not exceed the current rank."""
+        resolved = self._clean_latent_size(rank)
+        if resolved > self.latent_size:
+            raise ValueError(
+                f"rank={resolved} exceeds the current rank {self.latent_size}; a factorized layer "
+                "can only be re-factorized to a lower (or equal) rank"
+            )
+        return resolved
+
+    def solution_for_rank(self, input: torch.Tensor, rank: int | float) -> LowRankSolution:
+        """The best factorization at ``rank`` of this layer's function on ``input``; no change.
+
+        ``input`` is what this module receives (Linear: ``[..., in_features]``; conv:
+        ``[N, C, H, W]``). ``rank`` is an int or a fraction of ``min(in, out)``, at most the
+        current rank. The result is the exact minimiser of the output error on ``input`` (see
+        :func:`fxfactorize.factorize_matrix` / :func:`fxfactorize.factorize_conv2d`).
+        """
+        return self._solve_for_rank(input, self._checked_rank(rank))
+
+    def set_rank(self, input: torch.Tensor, rank: int | float) -> None:
+        """Re-factorize to ``rank`` in place, optimally for ``input`` (see :meth:`solution_for_rank`).
+
+        >>> layer = FactorizedLinear(64, 64, latent_features=16)
+        >>> layer.set_rank(torch.randn(100, 64), 8)
+        >>> layer.latent_features, tuple(layer.module0.weight.shape)
+        (8, (8, 64))
+        """
+        self.apply_solution(self.solution_for_rank(input, rank))
 
     def apply_solution(self, solution: LowRankSolution) -> None:
         """Load ``solution`` into the two children (always; no check that it pays).
@@ -180,6 +215,51 @@ class FactorizedLinear(_FactorizedModule):
     # Composer names this method with "channels" on the Linear class; kept so ported code runs.
     max_allowed_latent_channels = max_allowed_latent_features
 
+    def _solve_for_rank(self, input: torch.Tensor, rank: int) -> LowRankSolution:
+        x = input.detach().reshape(-1, self.in_size)
+        with torch.no_grad():
+            y = self(x)
+        wa, wb = self.module0.weight.T, self.module1.weight.T
+        return factorize_matrix(x, y, wa, wb, bias=self.module1.bias, rank=rank)
+
+    @classmethod
+    def from_linear(
+        cls, module: nn.Linear, module_ix: int = -1, init: str = "svd", **kwargs
+    ) -> FactorizedLinear:
+        """A factorized copy of ``module`` (``module_ix`` is accepted for Composer compatibility).
+
+        ``init="svd"`` (default) keeps the layer's function as well as the rank allows: the best
+        rank-``latent_features`` approximation of the weight (truncated SVD), with the bias kept.
+        ``init="random"`` gives freshly initialised layers, as Composer's ``from_linear`` does.
+        ``kwargs`` go to the constructor (e.g. ``latent_features``). ``module`` is not changed.
+
+        >>> layer = nn.Linear(64, 32)
+        >>> pair = FactorizedLinear.from_linear(layer, latent_features=32 // 4)
+        >>> pair.latent_features, tuple(pair(torch.randn(2, 64)).shape)
+        (8, (2, 32))
+        """
+        _check_init(init)
+        weight = module.weight
+        kwargs.setdefault("bias", module.bias is not None)
+        new = cls(
+            module.in_features,
+            module.out_features,
+            device=weight.device,
+            dtype=weight.dtype,
+            **kwargs,
+        )
+        if init == "svd":
+            factors = factorize_weight(weight.detach()[None], module.bias, new.latent_size)
+            new.apply_solution(
+                LowRankSolution(
+                    factors.first[0].T,
+                    factors.second[0].T,
+                    _kept_bias(module, new),
+                    new.latent_size,
+                )
+            )
+        return new
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_size}, out_features={self.out_size}, latent_features={self.latent_size}"
 
@@ -271,11 +351,75 @@ class FactorizedConv2d(_FactorizedModule):
     # Composer names this method with "features" on the conv class; kept so ported code runs.
     max_allowed_latent_features = max_allowed_latent_channels
 
+    def _solve_for_rank(self, input: torch.Tensor, rank: int) -> LowRankSolution:
+        return factorize_conv2d(
+            input.detach(),
+            self.module0.weight,
+            self.module1.weight,
+            rank=rank,
+            biasB=self.module1.bias,
+            groups=self.groups,
+            **self.convolution_kwargs,
+        )
+
+    @classmethod
+    def from_conv2d(
+        cls, module: nn.Conv2d, module_ix: int = -1, init: str = "svd", **kwargs
+    ) -> FactorizedConv2d:
+        """A factorized copy of ``module`` with its stride, padding, dilation, padding mode and groups.
+
+        ``init="svd"`` (default) keeps the conv's function as well as the rank allows (truncated
+        SVD of each group's ``[out/g, in/g·kh·kw]`` weight, bias kept); ``init="random"`` gives
+        Composer's freshly initialised layers. ``kwargs`` go to the constructor (e.g.
+        ``latent_channels``); ``module_ix`` is accepted for Composer compatibility.
+
+        >>> conv = nn.Conv2d(32, 64, 3, padding=1, stride=2)
+        >>> pair = FactorizedConv2d.from_conv2d(conv, latent_channels=8)
+        >>> tuple(pair(torch.randn(1, 32, 8, 8)).shape), pair.module0.stride
+        ((1, 64, 4, 4), (2, 2))
+        """
+        _check_init(init)
+        weight = module.weight
+        kwargs.setdefault("bias", module.bias is not None)
+        new = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            padding_mode=module.padding_mode,
+            groups=module.groups,
+            device=weight.device,
+            dtype=weight.dtype,
+            **kwargs,
+        )
+        if init == "svd":
+            groups, rank = module.groups, new.latent_size
+            grouped = weight.detach().reshape(groups, module.out_channels // groups, -1)
+            factors = factorize_weight(grouped, module.bias, rank // groups)
+            wa = factors.first.reshape(rank, module.in_channels // groups, *new.kernel_size)
+            wb = factors.second.reshape(module.out_channels, rank // groups, 1, 1)
+            new.apply_solution(LowRankSolution(wa, wb, _kept_bias(module, new), rank))
+        return new
+
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_size}, out_channels={self.out_size}, "
             f"kernel_size={self.kernel_size}, latent_channels={self.latent_size}, groups={self.groups}"
         )
+
+
+def _check_init(init: str) -> None:
+    if init not in ("svd", "random"):
+        raise ValueError(f"init must be 'svd' or 'random'; got {init!r}")
+
+
+def _kept_bias(module: nn.Module, new: _FactorizedModule) -> torch.Tensor | None:
+    """The original bias if the new pair has one (a pair asked to drop it gets none)."""
+    if new.module1.bias is None or module.bias is None:
+        return None if new.module1.bias is None else torch.zeros_like(new.module1.bias)
+    return module.bias.detach()
 
 
 def factorizing_could_speedup(module: nn.Module, latent_size: int | float) -> bool:

@@ -21,14 +21,19 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
+from tqdm.auto import tqdm
 
 from fxfactorize.config import FactorizeConfig
-from fxfactorize.errors import TraceError
+from fxfactorize.core.moments import InputMoments
+from fxfactorize.errors import CalibrationError, TraceError
+from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedLinear
+from fxfactorize.optimizers import update_optimizers
+from fxfactorize.passes.calibrate import MomentCollector, calibration_batches
 from fxfactorize.passes.cost import annotate_costs
 from fxfactorize.passes.functional import convert_functional_layers
 from fxfactorize.passes.plan import plan_graph
 from fxfactorize.passes.rewrite import replace_submodule, rewrite
-from fxfactorize.passes.shapes import evaluation_mode, propagate_shapes
+from fxfactorize.passes.shapes import evaluation_mode, normalize_inputs, propagate_shapes
 from fxfactorize.passes.solve import solve_plan
 from fxfactorize.passes.trace import DEFAULT_LEAF_MODULES, FactorizeTracer, trace
 from fxfactorize.report import (
@@ -40,7 +45,15 @@ from fxfactorize.report import (
     UntracedModule,
 )
 
-__all__ = ["Region", "find_regions", "plan_regions", "report_of", "transform_regions"]
+__all__ = [
+    "Region",
+    "calibratable_targets",
+    "calibrate_regions",
+    "find_regions",
+    "plan_regions",
+    "report_of",
+    "transform_regions",
+]
 
 log = logging.getLogger("fxfactorize")
 
@@ -244,6 +257,18 @@ def _analyse_region(region: Region, config: FactorizeConfig) -> Plan:
     return plan_graph(gm, config)
 
 
+def _qualify_target(target: str, region: Region) -> str:
+    return region.name if region.layer else f"{region.name}.{target}"
+
+
+def _has_submodule(model: nn.Module, target: str) -> bool:
+    try:
+        model.get_submodule(target)
+    except AttributeError:
+        return False
+    return True
+
+
 def _qualify(record: LayerRecord, region: Region) -> LayerRecord:
     if region.layer:  # the wrapper's one layer is the region itself
         return dataclasses.replace(record, node=region.name, target=region.name)
@@ -261,21 +286,92 @@ def plan_regions(model: nn.Module, example_inputs: Any, config: FactorizeConfig)
     return PartialPlan(records, config, [region.name for region in regions], untraced)
 
 
+def calibratable_targets(gm: fx.GraphModule, plan: Plan) -> list[str]:
+    """Planned targets the calibration pass takes (Linear, Conv2d); the rest are solved data-free."""
+    kinds = (nn.Linear, nn.Conv2d, FactorizedLinear, FactorizedConv2d)
+    return [r.target for r in plan.factorized if isinstance(gm.get_submodule(r.target), kinds)]
+
+
+class _Collecting(nn.Module):
+    """Stands in for a region while the whole model runs calibration batches: runs the region's
+    graph through a :class:`MomentCollector`, which records its layers' inputs."""
+
+    def __init__(self, gm: fx.GraphModule, collector: MomentCollector) -> None:
+        super().__init__()
+        self.gm, self.collector = gm, collector
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(self.gm.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        return self.collector.run(*normalize_inputs(self.gm, dict(bound.arguments)))
+
+
+def calibrate_regions(
+    model: nn.Module, regions: list[Region], plans: list[Plan], batches: Any, progress: bool
+) -> list[dict[str, InputMoments]]:
+    """Input moments of each region's planned layers, collected while the *whole* ``model`` runs
+    on ``batches`` (each a tensor, a tuple or a dict of keyword inputs); ``model`` is restored."""
+    collectors = [
+        MomentCollector(region.graph, calibratable_targets(region.graph, plan))
+        for region, plan in zip(regions, plans, strict=True)
+    ]
+    originals = {region.name: model.get_submodule(region.name) for region in regions}
+    for region, collector in zip(regions, collectors, strict=True):
+        replace_submodule(model, region.name, _Collecting(region.graph, collector))
+    seen = 0
+    try:
+        with torch.no_grad(), evaluation_mode(model):
+            batches = calibration_batches(batches)
+            for index, batch in enumerate(
+                tqdm(batches, desc="calibrate", unit="batch", disable=not progress)
+            ):
+                try:
+                    run_model(model, batch)
+                except Exception as error:
+                    cause = error.__cause__ or error
+                    raise CalibrationError(index, f"{type(cause).__name__}: {cause}") from error
+                seen += 1
+    finally:
+        for name, module in originals.items():
+            replace_submodule(model, name, module)
+    if seen == 0:
+        raise ValueError("calibration has no batches")
+    return [collector.moments for collector in collectors]
+
+
 def transform_regions(
-    model: nn.Module, example_inputs: Any, config: FactorizeConfig, started: float | None = None
+    model: nn.Module,
+    example_inputs: Any,
+    config: FactorizeConfig,
+    started: float | None = None,
+    calibration: Any = None,
+    optimizers: Any = None,
+    original: nn.Module | None = None,
 ) -> nn.Module:
     """Factorize the traceable regions of ``model`` in place and return it with its report.
 
-    The report (a :class:`~fxfactorize.report.PartialReport`) is ``model.meta["fxfactorize"]``;
-    :func:`report_of` finds it on any result of ``transform``.
+    With ``calibration``, statistics come from running the whole model on those batches; with
+    ``optimizers`` (over ``original``'s parameters, ``original`` defaulting to ``model``), their
+    param groups are updated as :func:`~fxfactorize.transform` does. The report (a
+    :class:`~fxfactorize.report.PartialReport`) is ``model.meta["fxfactorize"]``; :func:`report_of`
+    finds it on any result of ``transform``.
     """
     started = time.perf_counter() if started is None else started
+    original = model if original is None else original
     regions, untraced = find_regions(model, example_inputs, config)
+    plans = [_analyse_region(region, config) for region in regions]
+    moments: list[Any] = [None] * len(regions)
+    if calibration is not None:
+        moments = calibrate_regions(model, regions, plans, calibration, config.progress)
     records: list[LayerRecord] = []
-    for region in regions:
+    replaced: dict[str, nn.Module] = {}
+    for region, the_plan, stats in zip(regions, plans, moments, strict=True):
         gm = region.graph
-        the_plan = _analyse_region(region, config)
-        solved = solve_plan(gm, the_plan, progress=config.progress)
+        solved = solve_plan(gm, the_plan, stats, progress=config.progress)
+        for target in solved:
+            name = _qualify_target(target, region)
+            if _has_submodule(original, name):
+                replaced[name] = original.get_submodule(name)
         rewrite(gm, {target: result.module for target, result in solved.items()})
         for record in the_plan.layers:
             result = solved.get(record.target)
@@ -289,6 +385,8 @@ def transform_regions(
             records.append(_qualify(record, region))
         if solved:  # a region with nothing factorized keeps its original module
             replace_submodule(model, region.name, gm.layer if region.layer else gm)
+    if optimizers is not None:
+        update_optimizers(optimizers, original, model, replaced)
     report = PartialReport(
         records,
         config,

@@ -1,0 +1,537 @@
+"""The ``fxfactorize`` command line.
+
+With no subcommand it runs the main job: build a model (torchvision ``resnet50``, random init,
+fixed seed), print the plan, transform, print the report, check the outputs, and time both models.
+Subcommands do one part each: ``plan``, ``transform --out DIR``, ``report DIR``, ``bench``.
+
+Exit codes: 0 ok, 2 usage error, 1 failure (one line on stderr; a traceback with ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from tabulate import tabulate
+from torch import nn
+
+__all__ = ["build_model", "main", "measure_latency", "parse_input_shape"]
+
+log = logging.getLogger("fxfactorize")
+
+DEFAULT_MODEL = "torchvision:resnet50"
+DEFAULT_INPUT_SHAPE = "1x3x224x224"
+
+
+class UsageError(Exception):
+    """A bad command-line value; reported with exit code 2."""
+
+
+# --- building blocks (also usable from Python) ------------------------------------------------
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``"1x3x224x224"`` (or commas) → ``(1, 3, 224, 224)``; ``UsageError`` otherwise.
+
+    >>> parse_input_shape("2x3x32x32"), parse_input_shape("4,512")
+    ((2, 3, 32, 32), (4, 512))
+    """
+    parts = [p for p in re.split(r"[x,×\s]+", text.strip()) if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(size < 1 for size in shape):
+        raise UsageError(f"--input-shape must look like 1x3x224x224 (positive ints); got {text!r}")
+    return shape
+
+
+def build_model(spec: str) -> nn.Module:
+    """A model from ``torchvision:NAME`` (random init) or ``package.module:factory`` (called with no
+    arguments), in eval mode.
+
+    >>> type(build_model("torch.nn:Identity")).__name__
+    'Identity'
+    """
+    source, sep, name = spec.partition(":")
+    if not sep or not source or not name:
+        raise UsageError(
+            f"--model must be torchvision:NAME or package.module:factory; got {spec!r}"
+        )
+    if source == "torchvision":
+        import torchvision
+
+        try:
+            model = torchvision.models.get_model(name, weights=None)
+        except ValueError as error:
+            raise UsageError(f"--model {spec!r}: {error}") from None
+    else:
+        try:
+            factory = getattr(importlib.import_module(source), name)
+        except (ImportError, AttributeError) as error:
+            raise UsageError(
+                f"--model {spec!r}: cannot import {name!r} from {source!r}: {error}"
+            ) from None
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model.eval()
+
+
+def measure_latency(
+    models: dict[str, Callable[[Any], Any]],
+    example: torch.Tensor,
+    repeats: int = 10,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median seconds per forward pass of each model, timed interleaved (round-robin) so that
+    machine load affects all of them alike.
+
+    >>> times = measure_latency({"id": nn.Identity()}, torch.ones(1), repeats=3, warmup=1)
+    >>> list(times), times["id"] >= 0
+    (['id'], True)
+    """
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for model in models.values():
+                model(example)
+        for _ in range(repeats):
+            for name, model in models.items():
+                started = time.perf_counter()
+                model(example)
+                samples[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+# --- argument parsing ---------------------------------------------------------------------------
+
+
+def _config_help() -> dict[str, str]:
+    """Per-field help, taken from the ``Args:`` section of FactorizeConfig's docstring."""
+    from fxfactorize.config import FactorizeConfig
+
+    helps: dict[str, str] = {}
+    current = None
+    in_args = False
+    for line in (FactorizeConfig.__doc__ or "").splitlines():
+        stripped = line.strip()
+        if stripped == "Args:":
+            in_args = True
+            continue
+        if not in_args:
+            continue
+        if not stripped or stripped.startswith(">>>"):
+            if helps:
+                break
+            continue
+        match = re.match(r"(\w+): (.*)", stripped)
+        if match and line.startswith(" " * 8) and not line.startswith(" " * 12):
+            current = match.group(1)
+            helps[current] = match.group(2)
+        elif current:
+            helps[current] += " " + stripped
+    return helps
+
+
+def _parse_number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+
+
+def _parse_any(text: str) -> Any:
+    """For config fields of other types: a JSON value (number, list, null…) or else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per FactorizeConfig field (so fields added later appear without CLI changes).
+
+    Unset options stay out of the namespace: the config's own defaults apply.
+    """
+    from fxfactorize.config import FactorizeConfig
+
+    group = parser.add_argument_group("factorization options (FactorizeConfig fields)")
+    helps = _config_help()
+    for field in dataclasses.fields(FactorizeConfig):
+        flag = "--" + field.name.replace("_", "-")
+        annotation = str(field.type)
+        default = field.default if field.default is not dataclasses.MISSING else None
+        text = f"{helps.get(field.name, field.name)} (default: {default!r})".replace("%", "%%")
+        common = {"dest": f"config_{field.name}", "help": text, "default": argparse.SUPPRESS}
+        if annotation == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        elif annotation == "int":
+            group.add_argument(flag, type=int, metavar="INT", **common)
+        elif "int" in annotation and "float" in annotation:
+            group.add_argument(flag, type=_parse_number, metavar="N", **common)
+        elif annotation == "float":
+            group.add_argument(flag, type=float, metavar="X", **common)
+        elif annotation == "str":
+            group.add_argument(flag, metavar="NAME", **common)
+        else:
+            group.add_argument(flag, type=_parse_any, metavar="VALUE", **common)
+
+
+def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Options shared by the main job and every subcommand.
+
+    On subcommands the defaults are suppressed so that a value given before the subcommand is not
+    overwritten by the subcommand's default (an argparse pitfall).
+    """
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print one JSON document instead of tables",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default(False),
+        help="only errors on stderr; no progress bars",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default(0),
+        help="more logging (-v info, -vv debug)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default(False),
+        help="show the full traceback on failure",
+    )
+
+
+def _add_model_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=default(DEFAULT_MODEL),
+        help=f"torchvision:NAME (random init) or package.module:factory (default: {DEFAULT_MODEL})",
+    )
+    group.add_argument(
+        "--input-shape",
+        default=default(DEFAULT_INPUT_SHAPE),
+        help=f"example input shape, e.g. 1x3x224x224 (default: {DEFAULT_INPUT_SHAPE})",
+    )
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=default(0),
+        help="seed for the random weights and input (default: 0)",
+    )
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=default(None),
+        help="torch CPU threads (default: torch's own choice)",
+    )
+
+
+def _add_bench_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("timing")
+    group.add_argument(
+        "--repeats",
+        type=int,
+        default=default(10),
+        help="timed forward passes per model, interleaved (default: 10)",
+    )
+    group.add_argument(
+        "--warmup",
+        type=int,
+        default=default(2),
+        help="untimed forward passes per model first (default: 2)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxfactorize",
+        description="Factorize the Linear/Conv layers of a model into low-rank pairs. With no "
+        "subcommand: plan, transform, report, check and time a model (torchvision resnet50, "
+        "random init, by default).",
+        epilog="Exit codes: 0 ok, 2 usage error, 1 failure (one line; --debug for a traceback).",
+    )
+    _add_common(parser, suppress=False)
+    _add_model_options(parser, suppress=False)
+    _add_bench_options(parser, suppress=False)
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="also save the transformed model to DIR (see `transform --out`)",
+    )
+    parser.add_argument(
+        "--no-bench", dest="bench", action="store_false", help="skip the latency measurement"
+    )
+    _add_config_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, help_text: str, model: bool = True, bench: bool = False):
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common(command, suppress=True)
+        if model:
+            _add_model_options(command, suppress=True)
+            _add_config_options(command)
+        if bench:
+            _add_bench_options(command, suppress=True)
+        return command
+
+    add("plan", "print what transform would do, per layer (nothing is solved)")
+    transform = add("transform", "transform the model, print the report and save it to --out DIR")
+    transform.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="directory for plan.json and weights.pt (load with fxfactorize.load)",
+    )
+    report = add(
+        "report", "print the report of a model saved by `transform --out DIR`", model=False
+    )
+    report.add_argument("directory", metavar="DIR", help="a directory written by fxfactorize.save")
+    add("bench", "median eager latency of the original vs the transformed model", bench=True)
+    return parser
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Run:
+    """The resolved inputs of a command: model, example input, config."""
+
+    model_spec: str
+    model: nn.Module
+    example: torch.Tensor
+    config: Any
+
+
+def _prepare(args: argparse.Namespace) -> _Run:
+    from fxfactorize.config import FactorizeConfig
+
+    overrides = {
+        key.removeprefix("config_"): value
+        for key, value in vars(args).items()
+        if key.startswith("config_")
+    }
+    if args.quiet or args.json:
+        overrides.setdefault("progress", False)
+    try:
+        config = FactorizeConfig.build(None, **overrides)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
+    shape = parse_input_shape(args.input_shape)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model)
+    example = torch.randn(shape)
+    return _Run(args.model, model, example, config)
+
+
+def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
+    if args.json:
+        print(json.dumps(document, indent=2, default=str))
+    else:
+        print(text)
+
+
+def _check_outputs(original: nn.Module, transformed: nn.Module, example: torch.Tensor) -> dict:
+    with torch.inference_mode():
+        before, after = original(example), transformed(example)
+    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+        return {"checked": False, "reason": "outputs are not single tensors"}
+    if before.shape != after.shape:
+        raise RuntimeError(
+            f"transformed output shape {tuple(after.shape)} != original {tuple(before.shape)}"
+        )
+    if not torch.isfinite(after).all():
+        raise RuntimeError("transformed model produced non-finite outputs")
+    variance = before.double().var().item()
+    nmse = (after.double() - before.double()).pow(2).mean().item() / variance if variance else 0.0
+    return {"checked": True, "shape": list(after.shape), "finite": True, "output_nmse": nmse}
+
+
+def _latency_table(times: dict[str, float]) -> str:
+    base = times["original"]
+    rows = [
+        [name, f"{seconds * 1e3:.1f}", f"{seconds / base:.3f}×"] for name, seconds in times.items()
+    ]
+    return tabulate(rows, headers=["model", "median ms", "vs original"], tablefmt="simple")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import fxfactorize as ff
+
+    run = _prepare(args)
+    the_plan = ff.plan(run.model, run.example, config=run.config)
+    _emit(args, {"model": run.model_spec, "plan": the_plan.to_dict()}, str(the_plan))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fxfactorize.persistence import read_saved
+    from fxfactorize.report import Report
+
+    document = read_saved(args.directory)
+    if document.get("report") is None:
+        raise RuntimeError(
+            f"{args.directory} holds no report (saved from a hand-built GraphModule)"
+        )
+    report = Report.from_dict(document["report"])
+    versions = document.get("versions", {})
+    header = (
+        f"saved by fxfactorize {versions.get('fxfactorize', '?')} with torch "
+        f"{versions.get('torch', '?')}"
+    )
+    _emit(args, {"directory": args.directory, **document}, f"{header}\n{report}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import fxfactorize as ff
+
+    run = _prepare(args)
+    gm = ff.transform(run.model, run.example, config=run.config)
+    times = measure_latency(
+        {"original": run.model, "transformed": gm}, run.example, args.repeats, args.warmup
+    )
+    document = {
+        "model": run.model_spec,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "median_seconds": times,
+    }
+    _emit(
+        args,
+        document,
+        f"{_latency_table(times)}\n(eager, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} interleaved runs)",
+    )
+    return 0
+
+
+def _cmd_transform(args: argparse.Namespace, *, full_job: bool = False) -> int:
+    import fxfactorize as ff
+
+    run = _prepare(args)
+    text: list[str] = []
+    document: dict[str, Any] = {"model": run.model_spec, "input_shape": list(run.example.shape)}
+    if full_job:
+        the_plan = ff.plan(run.model, run.example, config=run.config)
+        text.append(str(the_plan))
+        document["plan"] = the_plan.to_dict()
+    started = time.perf_counter()
+    gm = ff.transform(run.model, run.example, config=run.config)
+    report = gm.meta["fxfactorize"]
+    text.append(str(report))
+    document["report"] = report.to_dict()
+    document["transform_seconds"] = time.perf_counter() - started
+    if full_job:
+        check = _check_outputs(run.model, gm, run.example)
+        document["check"] = check
+        if check["checked"]:
+            text.append(
+                f"outputs: shape {tuple(check['shape'])} as before, all finite, "
+                f"output nmse {check['output_nmse']:.3g}"
+            )
+        if args.bench:
+            times = measure_latency(
+                {"original": run.model, "transformed": gm}, run.example, args.repeats, args.warmup
+            )
+            document["median_seconds"] = times
+            document["threads"] = torch.get_num_threads()
+            text.append(
+                f"{_latency_table(times)}\n(eager, {torch.get_num_threads()} threads, "
+                f"median of {args.repeats} interleaved runs)"
+            )
+    if args.out is not None:
+        folder = ff.save(gm, args.out)
+        document["saved_to"] = str(folder)
+        text.append(f"saved to {folder} (load with fxfactorize.load(path, original_model))")
+    _emit(args, document, "\n\n".join(text))
+    return 0
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = (
+        logging.ERROR
+        if args.quiet
+        else [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    )
+    logger = logging.getLogger("fxfactorize")
+    logger.setLevel(level)
+    if not any(getattr(h, "_fxfactorize_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fxfactorize: %(levelname)s: %(message)s"))
+        handler._fxfactorize_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    >>> main(["plan", "--model", "torch.nn:Identity", "--input-shape", "2x4", "--json"]) == 0
+    ...  # doctest: +ELLIPSIS
+    {...}
+    True
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse already printed the usage line
+        return int(exit_.code or 0)
+    _configure_logging(args)
+    commands = {
+        "plan": _cmd_plan,
+        "transform": _cmd_transform,
+        "report": _cmd_report,
+        "bench": _cmd_bench,
+        None: lambda a: _cmd_transform(a, full_job=True),
+    }
+    try:
+        return commands[args.command](args)
+    except UsageError as error:
+        print(f"fxfactorize: error: {error} (see fxfactorize --help)", file=sys.stderr)
+        return 2
+    except Exception as error:  # the CLI's contract: one line, exit 1, traceback on request
+        if args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(f"fxfactorize: error: {type(error).__name__}: {message}", file=sys.stderr)
+        return 1

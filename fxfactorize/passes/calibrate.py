@@ -1,0 +1,172 @@
+"""Pass 5, calibrate: input second moments of chosen layers, streamed over calibration batches.
+
+An ``fx.Interpreter`` runs each batch through the graph and, at every ``call_module`` node whose
+target is asked for, adds the layer's input rows (Linear: the last axis; Conv2d: the patches under
+the kernel) to an :class:`~fxfactorize.core.moments.InputMoments`. Memory is ``O(D²)`` per layer
+whatever the number of batches; the statistics are sums, so results of several runs add up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from fxfactorize.core.composer_api import accumulate_rows
+from fxfactorize.core.moments import InputMoments
+from fxfactorize.core.patches import conv_patch_rows
+from fxfactorize.errors import CalibrationError
+from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedLinear
+from fxfactorize.passes.shapes import evaluation_mode, normalize_inputs
+
+__all__ = ["MomentCollector", "calibrate"]
+
+log = logging.getLogger("fxfactorize")
+
+
+class _NonFiniteInput(ValueError):
+    """Raised inside the interpreter; re-raised as a plain ``ValueError`` naming the node."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.target = target  # kept apart: fx may append its own context to the message
+
+
+def _layer_geometry(module: nn.Module) -> tuple[str, int, int]:
+    """``(kind, in_features, groups)`` of a supported layer; ``TypeError`` for anything else."""
+    if isinstance(module, (nn.Linear, FactorizedLinear)):
+        return "linear", module.in_features, 1
+    if isinstance(module, FactorizedConv2d):
+        return "conv2d", module.in_channels, module.groups
+    if isinstance(module, nn.Conv2d):
+        return "conv2d", module.in_channels, module.groups
+    raise TypeError(f"cannot calibrate a {type(module).__name__}; only Linear and Conv2d layers")
+
+
+def _conv_geometry(module: nn.Module) -> dict[str, Any]:
+    conv = module.module0 if isinstance(module, FactorizedConv2d) else module
+    return {
+        "stride": conv.stride,
+        "padding": conv.padding,
+        "dilation": conv.dilation,
+        "padding_mode": conv.padding_mode,
+    }
+
+
+class MomentCollector(fx.Interpreter):
+    """Runs a GraphModule and accumulates the inputs of the layers in ``targets`` into ``moments``."""
+
+    def __init__(self, gm: fx.GraphModule, targets: Iterable[str]) -> None:
+        super().__init__(gm)
+        self.moments: dict[str, InputMoments] = {}
+        self._layers: dict[str, nn.Module] = {}
+        for target in targets:
+            module = gm.get_submodule(target)
+            _layer_geometry(module)  # fail early on an unsupported layer
+            self._layers[target] = module
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        module = self._layers.get(target)
+        if module is not None and args and isinstance(args[0], torch.Tensor):
+            self._add(target, module, args[0])
+        return super().call_module(target, args, kwargs)
+
+    def _add(self, target: str, module: nn.Module, x: torch.Tensor) -> None:
+        if not torch.isfinite(x).all():
+            raise _NonFiniteInput(target)
+        kind, in_features, groups = _layer_geometry(module)
+        dim = in_features // groups
+        if kind == "linear":
+            chunks = [x.reshape(-1, in_features)]
+        else:
+            kernel = tuple(module.kernel_size)
+            dim *= kernel[0] * kernel[1]
+            chunks = conv_patch_rows(x, kernel, **_conv_geometry(module))
+        if target not in self.moments:
+            self.moments[target] = InputMoments.zeros(dim, groups, device=x.device)
+        for rows in chunks:
+            accumulate_rows(self.moments[target], rows)
+
+
+def _node_of(gm: fx.GraphModule, target: str) -> str:
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == target:
+            return node.name
+    return target
+
+
+def calibrate(
+    gm: fx.GraphModule,
+    targets: Iterable[str],
+    batches: Iterable[Any],
+    *,
+    progress: bool = True,
+) -> dict[str, InputMoments]:
+    """Input statistics of the Linear/Conv2d submodules ``targets`` of ``gm`` over ``batches``.
+
+    Args:
+        gm: a traced model (not changed; run in eval mode under ``torch.no_grad``).
+        targets: qualified names of ``call_module`` targets (e.g. ``plan.factorized`` targets).
+        batches: an iterable (a list, a ``DataLoader``) whose items are each a tensor, a tuple of
+            positional inputs or a dict of keyword inputs. Items of a ``DataLoader`` that yields
+            ``(inputs, labels)`` pairs must be mapped to the inputs first.
+        progress: show a tqdm bar over the batches.
+
+    Returns:
+        ``{target: InputMoments}`` for each target that the batches reached, in float64.
+
+    Raises:
+        CalibrationError: a batch could not be run through the model (names the batch index).
+        ValueError: a layer's input contains NaN or Inf (names the graph node), or no batch.
+
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    >>> stats = calibrate(gm, ["0", "2"], [torch.randn(5, 4), torch.randn(7, 4)], progress=False)
+    >>> stats["0"].count, stats["2"].dim
+    (12, 3)
+    """
+    collector = MomentCollector(gm, targets)
+    seen = 0
+    with torch.no_grad(), evaluation_mode(gm):
+        for index, batch in enumerate(
+            tqdm(batches, desc="calibrate", unit="batch", disable=not progress)
+        ):
+            try:
+                args = normalize_inputs(gm, batch)
+            except (TypeError, ValueError) as error:
+                raise CalibrationError(index, str(error)) from error
+            try:
+                collector.run(*args)
+            except _NonFiniteInput as error:
+                target = error.target
+                raise ValueError(
+                    f"calibration batch {index} gives NaN or Inf at the input of graph node "
+                    f"{_node_of(gm, target)!r} ({target})"
+                ) from None
+            except Exception as error:
+                cause = error.__cause__ or error
+                raise CalibrationError(index, f"{type(cause).__name__}: {cause}") from error
+            seen += 1
+    if seen == 0:
+        raise ValueError("calibration has no batches")
+    log.debug("calibrated %d layer(s) over %d batch(es)", len(collector.moments), seen)
+    return collector.moments
+
+
+def calibration_batches(batches: Any) -> Iterable[Any]:
+    """``batches`` as an iterable of batches: a lone tensor / dict is one batch.
+
+    >>> len(list(calibration_batches(torch.ones(2, 3))))
+    1
+    """
+    if isinstance(batches, (torch.Tensor, Mapping)):
+        return [batches]
+    if not isinstance(batches, Iterable):
+        raise TypeError(
+            "calibration must be an iterable of batches (each a tensor, a tuple of positional "
+            f"inputs or a dict of keyword inputs); got {type(batches).__name__}"
+        )
+    return batches
