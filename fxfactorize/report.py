@@ -398,5 +398,17 @@ class PartialReport(Report):
     def __str__(self) -> str:
         return "\n".join([super().__str__(), *_regions_text(self.regions, self.untraced)])
 
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Report.to_dict`, plus ``regions`` and ``untraced`` (name, class, reason)."""
+        untraced = [dataclasses.asdict(module) for module in self.untraced]
+        return {**super().to_dict(), "regions": list(self.regions), "untraced": untraced}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PartialReport:
+        """Inverse of :meth:`to_dict`."""
+        report = Report.from_dict(data)
+        untraced = [UntracedModule(**module) for module in data.get("untraced", [])]
+        return cls(report.layers, report.config, report.seconds, data.get("regions", []), untraced)
+
 
 __all__ += ["PartialPlan", "PartialReport", "UntracedModule"]  # issue 7: partial tracing

@@ -277,3 +277,14 @@ def test_optimizer_follows_a_partial_transform():
     result = ff.transform(model, bert_inputs(), optimizers=optimizer, **OPTIONS)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in result.parameters()}
+
+
+def test_partial_result_saves_and_loads_with_fxfactorize(bert_pair, tmp_path):
+    model, result = bert_pair
+    loaded = ff.load(ff.save(result, tmp_path / "bert"), TinyBert())
+    inputs = bert_inputs(5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs)["pooled"], result(**inputs)["pooled"])
+    report = ff.report_of(loaded)
+    assert isinstance(report, ff.PartialReport) and report.regions == ff.report_of(result).regions
+    assert report.untraced[0].module_class == "TinyBert"
