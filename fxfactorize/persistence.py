@@ -22,6 +22,7 @@ from fxfactorize.errors import FactorizeError, TraceError
 from fxfactorize.methods import get_method
 from fxfactorize.modules.factorized import _FactorizedModule
 from fxfactorize.passes.cost import describe_module
+from fxfactorize.passes.functional import convert_functional_layers
 from fxfactorize.passes.rewrite import replace_submodule, rewrite
 from fxfactorize.passes.trace import trace
 from fxfactorize.report import PartialReport, Report
@@ -162,6 +163,9 @@ def load(path: str | os.PathLike, original_model: nn.Module) -> fx.GraphModule:
         gm = trace(copy.deepcopy(original_model))
     except TraceError:  # saved from a partial transform: put the layers back into the module tree
         gm = copy.deepcopy(original_model)
+    saved_config = (document.get("report") or {}).get("config") or {}
+    if isinstance(gm, fx.GraphModule) and saved_config.get("functional", False):
+        convert_functional_layers(gm)  # as transform did: F.linear & co. on parameters → layers
     replacements = {}
     for entry in document["layers"]:
         target = entry["target"]

@@ -201,3 +201,14 @@ def test_inplace_partial_transform_edits_the_model_itself():
         model, torch.randn(2, 64), min_features=32, latent_features=8, inplace=True, progress=False
     )
     assert result is model and isinstance(model.inner, fx.GraphModule)
+
+
+def test_functional_result_saves_and_loads(tmp_path):
+    model = Functional()
+    inputs = (torch.randn(4, 64), torch.randn(2, 32, 8, 8))
+    options = {"min_features": 32, "latent_features": 8, "min_channels": 32, "latent_channels": 8}
+    gm = ff.transform(model, inputs, progress=False, **options)
+    loaded = ff.load(ff.save(gm, tmp_path / "functional"), Functional())
+    with torch.no_grad():
+        for got, expected in zip(loaded(*inputs), gm(*inputs), strict=True):
+            torch.testing.assert_close(got, expected)
