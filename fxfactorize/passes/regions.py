@@ -87,7 +87,11 @@ class _OneLayer(nn.Module):
 
 
 def run_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on a tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
+    """Call ``model`` on a tensor, a tuple/list of positional inputs or a dict of keyword inputs.
+
+    >>> run_model(nn.Linear(3, 2), {"input": torch.ones(1, 3)}).shape
+    torch.Size([1, 2])
+    """
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
@@ -97,7 +101,12 @@ def run_model(model: nn.Module, inputs: Any) -> Any:
 
 def capture_calls(model: nn.Module, example_inputs: Any) -> dict[str, tuple[tuple, dict]]:
     """``{qualified name: (args, kwargs)}`` of the first call of every submodule (and ``""``, the
-    model) while ``model`` runs once on ``example_inputs`` (eval mode, no grad)."""
+    model) while ``model`` runs once on ``example_inputs`` (eval mode, no grad).
+
+    >>> calls = capture_calls(nn.Sequential(nn.Linear(3, 2), nn.ReLU()), torch.ones(4, 3))
+    >>> sorted(calls), calls["0"][0][0].shape
+    (['', '0', '1'], torch.Size([4, 3]))
+    """
     calls: dict[str, tuple[tuple, dict]] = {}
 
     def hook_for(name: str):
@@ -257,6 +266,11 @@ def _analyse_region(region: Region, config: FactorizeConfig) -> Plan:
     return plan_graph(gm, config)
 
 
+def _check_not_whole(regions: list[Region]) -> None:
+    if any(region.name == "" for region in regions):
+        raise ValueError("the model traces whole: use fxfactorize.transform, not partial tracing")
+
+
 def _qualify_target(target: str, region: Region) -> str:
     return region.name if region.layer else f"{region.name}.{target}"
 
@@ -278,7 +292,18 @@ def _qualify(record: LayerRecord, region: Region) -> LayerRecord:
 
 
 def plan_regions(model: nn.Module, example_inputs: Any, config: FactorizeConfig) -> Plan:
-    """:func:`~fxfactorize.plan` for a model whose root does not trace (``model`` is unchanged)."""
+    """:func:`~fxfactorize.plan` for a model whose root does not trace (``model`` is unchanged).
+
+    >>> class Gate(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(512, 512)
+    ...     def forward(self, x):
+    ...         return self.fc(x) if x.sum() > 0 else x
+    >>> p = plan_regions(Gate(), torch.ones(2, 512), FactorizeConfig())
+    >>> p.regions, [(r.target, r.rank) for r in p.layers]
+    (['fc'], [('fc', 128)])
+    """
     regions, untraced = find_regions(model, example_inputs, config)
     records = []
     for region in regions:
@@ -287,7 +312,15 @@ def plan_regions(model: nn.Module, example_inputs: Any, config: FactorizeConfig)
 
 
 def calibratable_targets(gm: fx.GraphModule, plan: Plan) -> list[str]:
-    """Planned targets the calibration pass takes (Linear, Conv2d); the rest are solved data-free."""
+    """Planned targets the calibration pass takes (Linear, Conv2d); the rest are solved data-free.
+
+    >>> from fxfactorize.passes.cost import annotate_costs
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(512, 512), nn.Unflatten(1, (512, 1)),
+    ...                                      nn.Conv1d(512, 512, 1)))
+    >>> p = plan_graph(annotate_costs(propagate_shapes(gm, torch.ones(2, 512))), FactorizeConfig())
+    >>> calibratable_targets(gm, p)
+    ['0']
+    """
     kinds = (nn.Linear, nn.Conv2d, FactorizedLinear, FactorizedConv2d)
     return [r.target for r in plan.factorized if isinstance(gm.get_submodule(r.target), kinds)]
 
@@ -310,7 +343,22 @@ def calibrate_regions(
     model: nn.Module, regions: list[Region], plans: list[Plan], batches: Any, progress: bool
 ) -> list[dict[str, InputMoments]]:
     """Input moments of each region's planned layers, collected while the *whole* ``model`` runs
-    on ``batches`` (each a tensor, a tuple or a dict of keyword inputs); ``model`` is restored."""
+    on ``batches`` (each a tensor, a tuple or a dict of keyword inputs); ``model`` is restored.
+
+    >>> class Gate(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(512, 512)
+    ...     def forward(self, x):
+    ...         return self.fc(x) if x.sum() > 0 else x
+    >>> model = Gate()
+    >>> regions, _ = find_regions(model, torch.ones(2, 512), FactorizeConfig())
+    >>> plans = [_analyse_region(r, FactorizeConfig()) for r in regions]
+    >>> batches = [torch.rand(8, 512), -torch.rand(3, 512)]  # the second skips fc
+    >>> calibrate_regions(model, regions, plans, batches, progress=False)[0]["layer"].count
+    8
+    """
+    _check_not_whole(regions)
     collectors = [
         MomentCollector(region.graph, calibratable_targets(region.graph, plan))
         for region, plan in zip(regions, plans, strict=True)
@@ -355,10 +403,21 @@ def transform_regions(
     param groups are updated as :func:`~fxfactorize.transform` does. The report (a
     :class:`~fxfactorize.report.PartialReport`) is ``model.meta["fxfactorize"]``; :func:`report_of`
     finds it on any result of ``transform``.
+
+    >>> class Gate(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.fc = nn.Linear(512, 512)
+    ...     def forward(self, x):
+    ...         return self.fc(x) if x.sum() > 0 else x
+    >>> model = transform_regions(Gate(), torch.ones(2, 512), FactorizeConfig(progress=False))
+    >>> type(model.fc).__name__, model.meta["fxfactorize"].regions
+    ('FactorizedLinear', ['fc'])
     """
     started = time.perf_counter() if started is None else started
     original = model if original is None else original
     regions, untraced = find_regions(model, example_inputs, config)
+    _check_not_whole(regions)
     plans = [_analyse_region(region, config) for region in regions]
     moments: list[Any] = [None] * len(regions)
     if calibration is not None:
