@@ -212,3 +212,13 @@ def test_functional_result_saves_and_loads(tmp_path):
     with torch.no_grad():
         for got, expected in zip(loaded(*inputs), gm(*inputs), strict=True):
             torch.testing.assert_close(got, expected)
+
+
+def test_calibration_with_conv1d_solves_it_data_free_and_the_rest_on_data():
+    conv = nn.Conv1d(64, 64, 3, padding=1)
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(64 * 8, 64))
+    batches = [torch.randn(4, 64, 8) for _ in range(3)]
+    options = {"min_channels": 16, "latent_channels": 8, "min_features": 32, "latent_features": 8}
+    gm = ff.transform(model, batches[0], calibration=batches, progress=False, **options)
+    sources = {r.op: r.nmse_source for r in gm.meta["fxfactorize"].factorized}
+    assert sources == {"Conv1d": "weights", "Linear": "calibration"}
