@@ -15,6 +15,7 @@ from fxfactorize.apply import apply_factorization
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.core.composer_api import factorize_conv2d, factorize_matrix
 from fxfactorize.core.solution import LowRankSolution
+from fxfactorize.equivalence import EquivalenceError, Tolerance, check_equivalence
 from fxfactorize.errors import CalibrationError, FactorizeError, ShapePropagationError, TraceError
 from fxfactorize.modules.conv import FactorizedConv1d, FactorizedConv3d
 from fxfactorize.modules.factorized import (
@@ -65,4 +66,7 @@ __all__ = [
     "report_of",
     "save",
     "transform",
+    "EquivalenceError",
+    "Tolerance",
+    "check_equivalence",
 ]

@@ -1,0 +1,53 @@
+"""`assert_factorization_equivalent`: factorize a model and check the result, in one call."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import fx, nn
+
+from fxfactorize.api import transform
+
+if TYPE_CHECKING:
+    from fxfactorize.equivalence import Tolerance
+
+__all__ = ["assert_factorization_equivalent"]
+
+
+def assert_factorization_equivalent(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    tolerance: Tolerance | None = None,
+    max_examples: int = 20,
+    seed: int | None = None,
+    batch_dim: int = 0,
+    **config: Any,
+) -> fx.GraphModule:
+    """``transform(model, example_inputs, **config)``, then :func:`check_equivalence` against ``model``.
+
+    Returns the transformed ``GraphModule``; raises :class:`~fxfactorize.equivalence.EquivalenceError`
+    with a shrunk counterexample if it disagrees with ``model`` beyond ``tolerance`` (default: exact
+    unless the report shows truncated layers, then the report's predicted error with a margin).
+    Progress bars are off unless ``progress=True`` is passed.
+
+    >>> import torch
+    >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    >>> gm = assert_factorization_equivalent(model, torch.randn(4, 32), min_features=1, latent_features=8, max_examples=5, seed=0)
+    >>> [r.rank for r in gm.meta["fxfactorize"].layers]  # the 32→8 layer would not get cheaper
+    [8, None]
+    """
+    from fxfactorize.equivalence import check_equivalence  # it imports this package: import late
+
+    config.setdefault("progress", False)
+    candidate = transform(model, example_inputs, **config)
+    check_equivalence(
+        model,
+        candidate,
+        example_inputs,
+        tolerance=tolerance,
+        max_examples=max_examples,
+        seed=seed,
+        batch_dim=batch_dim,
+    )
+    return candidate
