@@ -83,7 +83,9 @@ def test_shapes_annotate_every_node_and_keep_training_flags():
     gm = trace(model)
     running_mean = model[1].running_mean.clone()
     propagate_shapes(gm, torch.randn(5, 8))
-    shapes = {n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if n.op != "output"}
+    shapes = {
+        n.name: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes if n.op != "output"
+    }
     assert shapes == {"input_1": (5, 8), "_0": (5, 16), "_1": (5, 16), "_2": (5, 4)}
     assert gm.training and model[1].training
     assert torch.equal(model[1].running_mean, running_mean)  # eval mode: no statistics update
@@ -99,8 +101,12 @@ def test_shape_error_names_the_node_and_target():
 
 
 def test_cost_counts_macs_and_params_at_traced_shapes():
-    gm = annotated(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Flatten(),
-                                 nn.Linear(8 * 4 * 4, 10)), torch.randn(2, 3, 8, 8))
+    gm = annotated(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)
+        ),
+        torch.randn(2, 3, 8, 8),
+    )
     layers = [n.meta[LAYER_META] for n in gm.graph.nodes if LAYER_META in n.meta]
     conv, linear = layers
     assert conv.macs == 2 * 4 * 4 * (3 * 9) * 8

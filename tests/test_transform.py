@@ -18,8 +18,11 @@ def low_rank_linear(in_features, out_features, rank, seed=0):
     gen = torch.Generator().manual_seed(seed)
     layer = nn.Linear(in_features, out_features)
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(out_features, rank, generator=gen)
-                           @ torch.randn(rank, in_features, generator=gen) / rank**0.5)
+        layer.weight.copy_(
+            torch.randn(out_features, rank, generator=gen)
+            @ torch.randn(rank, in_features, generator=gen)
+            / rank**0.5
+        )
     return layer
 
 
@@ -28,13 +31,17 @@ def low_rank_conv(in_channels, out_channels, kernel, rank, seed=0, **kwargs):
     conv = nn.Conv2d(in_channels, out_channels, kernel, **kwargs)
     fan_in = in_channels * kernel * kernel
     with torch.no_grad():
-        weight = torch.randn(out_channels, rank, generator=gen) @ torch.randn(rank, fan_in, generator=gen)
+        weight = torch.randn(out_channels, rank, generator=gen) @ torch.randn(
+            rank, fan_in, generator=gen
+        )
         conv.weight.copy_(weight.reshape_as(conv.weight) / fan_in**0.5)
     return conv
 
 
 def test_exact_when_linear_weight_has_the_target_rank():
-    model = nn.Sequential(low_rank_linear(512, 768, 32), nn.GELU(), low_rank_linear(768, 512, 32, seed=1))
+    model = nn.Sequential(
+        low_rank_linear(512, 768, 32), nn.GELU(), low_rank_linear(768, 512, 32, seed=1)
+    )
     x = torch.randn(16, 512)
     gm = ff.transform(model, x, latent_features=32, progress=False)
     assert [r.rank for r in gm.meta["fxfactorize"].layers] == [32, 32]
@@ -43,12 +50,15 @@ def test_exact_when_linear_weight_has_the_target_rank():
     assert all(r.nmse < 1e-10 for r in gm.meta["fxfactorize"].layers)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"padding": 1},
-    {"stride": 2, "padding": 1},
-    {"dilation": 2, "padding": 2, "padding_mode": "reflect"},
-    {"padding": 0, "bias": False},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"padding": 1},
+        {"stride": 2, "padding": 1},
+        {"dilation": 2, "padding": 2, "padding_mode": "reflect"},
+        {"padding": 0, "bias": False},
+    ],
+)
 def test_exact_when_conv_weight_has_the_target_rank(kwargs):
     model = nn.Sequential(low_rank_conv(256, 256, 3, 24, **kwargs))
     x = torch.randn(2, 256, 9, 9)
@@ -77,7 +87,9 @@ def test_truncation_error_matches_the_reported_weight_estimate():
 
 
 def test_original_model_is_bit_identical_after_transform():
-    model = nn.Sequential(nn.Conv2d(256, 256, 3), nn.BatchNorm2d(256), nn.Flatten(), nn.LazyLinear(300))
+    model = nn.Sequential(
+        nn.Conv2d(256, 256, 3), nn.BatchNorm2d(256), nn.Flatten(), nn.LazyLinear(300)
+    )
     x = torch.randn(2, 256, 5, 5)
     model(x)
     model.train()
@@ -101,8 +113,18 @@ def test_report_table_names_every_layer_and_totals():
     gm = ff.transform(model, torch.randn(4, 512), progress=False)
     report = gm.meta["fxfactorize"]
     text = str(report)
-    for header in ("node", "op", "in→out", "kernel", "rank", "MACs before", "MACs after",
-                   "params before", "params after", "nmse / reason"):
+    for header in (
+        "node",
+        "op",
+        "in→out",
+        "kernel",
+        "rank",
+        "MACs before",
+        "MACs after",
+        "params before",
+        "params after",
+        "nmse / reason",
+    ):
         assert header in text
     assert "skipped: min(in, out)=10 < min_features=256" in text
     assert "total" in text
@@ -123,10 +145,17 @@ def test_plan_prints_the_same_decisions_without_solving():
     assert all(r.nmse is None for r in the_plan.layers)
 
 
-@pytest.mark.parametrize("name, value", [
-    ("latent_features", 0), ("latent_features", 1.0), ("latent_channels", -3),
-    ("latent_channels", "big"), ("min_features", -1), ("min_channels", 2.5),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("latent_features", 0),
+        ("latent_features", 1.0),
+        ("latent_channels", -3),
+        ("latent_channels", "big"),
+        ("min_features", -1),
+        ("min_channels", 2.5),
+    ],
+)
 def test_invalid_sizes_raise_value_error_naming_the_argument(name, value):
     with pytest.raises(ValueError, match=name):
         ff.transform(nn.Linear(4, 4), torch.randn(1, 4), **{name: value})
@@ -164,8 +193,9 @@ def test_state_dict_round_trips_into_a_fresh_transform():
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
     x = torch.randn(3, 512)
     gm = ff.transform(model, x, progress=False)
-    other = ff.transform(nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)), x,
-                         progress=False)
+    other = ff.transform(
+        nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)), x, progress=False
+    )
     other.load_state_dict(gm.state_dict())
     with torch.no_grad():
         assert torch.equal(other(x), gm(x))
