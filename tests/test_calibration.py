@@ -45,11 +45,11 @@ def test_calibrated_transform_beats_data_free_on_the_data_and_reports_exact_nmse
     record = aware.meta["fxfactorize"].layers[0]
     assert record.nmse_source == "calibration"
     x = torch.cat(batches)
-    y = model[0](x)
-    y_hat = aware.get_submodule("0")(x)
+    y = model[0](x).detach()
+    y_hat = aware.get_submodule("0")(x).detach()
     measured = float(((y - y_hat) ** 2).mean() / y.var())
     assert record.nmse == pytest.approx(measured, rel=1e-3)
-    y_free = free.get_submodule("0")(x)
+    y_free = free.get_submodule("0")(x).detach()
     assert float((y - y_hat).pow(2).mean()) < 0.5 * float((y - y_free).pow(2).mean())
 
 
@@ -118,3 +118,13 @@ def test_optimizer_follows_the_transformed_model():
     before = gm.get_submodule("0").module0.weight.clone()
     optimizer.step()
     assert not torch.equal(before, gm.get_submodule("0").module0.weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_calibrated_transform_stays_on_the_gpu_in_half_precision():
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).cuda().half()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.half)
+    gm = ff.transform(model, x, calibration=[x, x], latent_features=32, progress=False)
+    weight = gm.get_submodule("0").module0.weight
+    assert weight.device.type == "cuda" and weight.dtype == torch.half
+    assert gm.meta["fxfactorize"].layers[0].nmse_source == "calibration"

@@ -51,10 +51,20 @@ def _work_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def _nmse(y: torch.Tensor, y_hat: torch.Tensor) -> float:
-    """Composer's nmse: mean squared error divided by the (unbiased) variance of ``y``."""
-    mse = float(((y - y_hat) ** 2).mean())
-    variance = float(y.var()) if y.numel() > 1 else 0.0
+def _centered_nmse(yc: torch.Tensor, fitted: torch.Tensor, y_mean: torch.Tensor) -> float:
+    """Composer's nmse, ``mean((Y − Ŷ)²) / Y.var()``, from column-centered ``Y`` and fit.
+
+    With the re-fitted bias, ``Y − Ŷ = Ỹ − X̃M``; ``Y.var()`` (all elements, unbiased) is
+    rebuilt from the centered values and the column means, saving passes over ``Y``.
+    """
+    count = yc.numel()
+    residual = yc - fitted
+    # torch sums in cascades, so float32 sums stay accurate to ~1e-7 without a float64 copy
+    mse = float(torch.linalg.vector_norm(residual)) ** 2 / count
+    means = y_mean.to(torch.float64)
+    spread = float(torch.linalg.vector_norm(yc)) ** 2
+    spread += yc.shape[0] * float(((means - means.mean()) ** 2).sum())
+    variance = spread / (count - 1) if count > 1 else 0.0
     if variance <= 0:
         return 0.0 if mse == 0 else float("inf")
     return mse / variance
@@ -118,13 +128,16 @@ def factorize_matrix(
             )
         weight = Wa.detach().to(torch.float64) @ Wb.detach().to(torch.float64)
         current = Wa.shape[1]
-    for name, tensor in (("X", X), ("Y", Y), ("Wa", Wa), ("Wb", Wb), ("bias", bias)):
+    for name, tensor in (("Wa", Wa), ("Wb", Wb), ("bias", bias)):
         _check_finite(name, tensor)
     target_rank = _composer_rank(rank, dim_in, current)
     work = _work_dtype(X)
     x = X.detach().to(work)
     y = Y.detach().to(work)
     x_mean, y_mean = x.mean(0), y.mean(0)
+    # a NaN/Inf anywhere in X or Y makes its column mean non-finite: O(D + M) instead of a pass
+    _check_finite("X", x_mean)
+    _check_finite("Y", y_mean)
     xc, yc = x - x_mean, y - y_mean
     cov = (xc.T @ xc).to(torch.float64)
     cross = (xc.T @ yc).to(torch.float64)
@@ -133,12 +146,8 @@ def factorize_matrix(
     first, second, _ = reduced_rank_regression(cov, weight, solve_rank, cross=cross, ridge=RIDGE)
     approx = first @ second
     new_bias = y_mean.to(torch.float64) - x_mean.to(torch.float64) @ approx
-    y_hat = (
-        x @ approx.to(work) + new_bias.to(work)
-        if full
-        else (x @ first.to(work)) @ second.to(work) + new_bias.to(work)
-    )
-    nmse = _nmse(y, y_hat)
+    fitted = xc @ approx.to(work) if full else (xc @ first.to(work)) @ second.to(work)
+    nmse = _centered_nmse(yc, fitted, y_mean)
     like = {"dtype": Wa.dtype, "device": Wa.device}
     out_bias = new_bias.to(dtype=bias.dtype if bias is not None else Wa.dtype, device=Wa.device)
     if full:
