@@ -17,13 +17,22 @@ from fxfactorize.core.composer_api import factorize_conv2d, factorize_matrix
 from fxfactorize.core.solution import LowRankSolution
 from fxfactorize.equivalence import EquivalenceError, Tolerance, check_equivalence
 from fxfactorize.errors import CalibrationError, FactorizeError, ShapePropagationError, TraceError
+from fxfactorize.modules.conv import FactorizedConv1d, FactorizedConv3d
 from fxfactorize.modules.factorized import (
     FactorizedConv2d,
     FactorizedLinear,
     factorizing_could_speedup,
 )
+from fxfactorize.passes.regions import report_of
 from fxfactorize.persistence import LoadError, load, save
-from fxfactorize.report import LayerRecord, Plan, Report
+from fxfactorize.report import (
+    LayerRecord,
+    PartialPlan,
+    PartialReport,
+    Plan,
+    Report,
+    UntracedModule,
+)
 
 logging.getLogger("fxfactorize").addHandler(logging.NullHandler())
 
@@ -39,18 +48,24 @@ __all__ = [
     "factorize_matrix",
     "FactorizeConfig",
     "FactorizeError",
+    "FactorizedConv1d",
     "FactorizedConv2d",
+    "FactorizedConv3d",
     "FactorizedLinear",
     "LayerRecord",
     "LoadError",
     "LowRankSolution",
+    "PartialPlan",
+    "PartialReport",
     "Plan",
     "Report",
     "ShapePropagationError",
     "TraceError",
+    "UntracedModule",
     "factorizing_could_speedup",
     "load",
     "plan",
+    "report_of",
     "save",
     "transform",
     "EquivalenceError",

@@ -11,10 +11,13 @@ from typing import Any
 from torch import fx, nn
 
 from fxfactorize.config import FactorizeConfig
+from fxfactorize.errors import TraceError
 from fxfactorize.optimizers import update_optimizers
 from fxfactorize.passes.calibrate import calibrate, calibration_batches
 from fxfactorize.passes.cost import annotate_costs
+from fxfactorize.passes.functional import convert_functional_layers
 from fxfactorize.passes.plan import candidate_targets, plan_graph
+from fxfactorize.passes.regions import calibratable_targets, plan_regions, transform_regions
 from fxfactorize.passes.rewrite import replace_submodule, rewrite
 from fxfactorize.passes.shapes import propagate_shapes
 from fxfactorize.passes.solve import solve_plan
@@ -31,10 +34,20 @@ def _check_model(model: Any) -> None:
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
 
 
+def _has_submodule(model: nn.Module, target: str) -> bool:
+    try:
+        model.get_submodule(target)
+    except AttributeError:
+        return False
+    return True
+
+
 def _analyse(
     model: nn.Module, example_inputs: Any, config: FactorizeConfig
 ) -> tuple[fx.GraphModule, Plan]:
-    gm = trace(model)
+    gm = trace(model, config.leaf_modules)
+    if config.functional:
+        convert_functional_layers(gm)
     annotate_costs(propagate_shapes(gm, example_inputs))
     return gm, plan_graph(gm, config)
 
@@ -59,7 +72,12 @@ def plan(
     """
     _check_model(model)
     config = FactorizeConfig.build(config, **overrides)
-    return _analyse(model, example_inputs, config)[1]
+    try:
+        return _analyse(model, example_inputs, config)[1]
+    except TraceError:
+        if config.on_untraceable == "raise":
+            raise
+    return plan_regions(model, example_inputs, config)
 
 
 def transform(
@@ -71,7 +89,7 @@ def transform(
     optimizers: Any = None,
     inplace: bool = False,
     **overrides: Any,
-) -> fx.GraphModule:
+) -> fx.GraphModule | nn.Module:
     """Factorize the Linear/Conv layers of ``model`` where that reduces the work.
 
     ``model`` is traced with torch.fx, shapes are propagated with ``example_inputs`` (a tensor, a
@@ -79,6 +97,14 @@ def transform(
     :func:`plan`), solved (truncated SVD of the weight), and swapped for a factorized pair. The
     returned ``GraphModule`` carries a :class:`~fxfactorize.report.Report` as
     ``gm.meta["fxfactorize"]``.
+
+    If the model does not trace whole (data-dependent control flow, asserts on shapes, ...) and
+    ``on_untraceable="descend"`` (the default), its largest traceable submodules are transformed
+    instead and the result is the (copied) model itself, with those submodules replaced by
+    GraphModules and the report — a :class:`~fxfactorize.report.PartialReport` listing the traced
+    regions and why the rest did not trace — in ``result.meta["fxfactorize"]``;
+    :func:`~fxfactorize.report_of` reads either. ``on_untraceable="raise"`` raises the
+    :class:`~fxfactorize.errors.TraceError` instead.
 
     Args:
         model: the model; deep-copied first unless ``inplace=True``.
@@ -106,23 +132,32 @@ def transform(
     config = FactorizeConfig.build(config, **overrides)
     started = time.perf_counter()
     working = model if inplace else copy.deepcopy(model)
-    gm, the_plan = _analyse(working, example_inputs, config)
+    try:
+        gm, the_plan = _analyse(working, example_inputs, config)
+    except TraceError:  # the root does not trace: transform its largest traceable submodules
+        if config.on_untraceable == "raise":
+            raise
+        return transform_regions(
+            working, example_inputs, config, started, calibration, optimizers, original=model
+        )
     moments = None
     if calibration is not None:
         targets = [record.target for record in the_plan.factorized]
         if config.tolerance is not None or config.budget is not None:
             # these policies predict errors from the statistics: calibrate every candidate first
             targets = candidate_targets(gm, config)
+        targets = calibratable_targets(gm, targets)
         moments = calibrate(gm, targets, calibration_batches(calibration), progress=config.progress)
         if config.tolerance is not None or config.budget is not None:
             the_plan = plan_graph(gm, config, moments=moments)
     solved = solve_plan(gm, the_plan, moments, progress=config.progress)
     replacements = {target: result.module for target, result in solved.items()}
-    originals = {target: model.get_submodule(target) for target in replacements}
+    originals = {t: model.get_submodule(t) for t in replacements if _has_submodule(model, t)}
     rewrite(gm, replacements)
     if inplace:
         for target, module in replacements.items():
-            replace_submodule(model, target, module)
+            if _has_submodule(model, target):  # layers made from functional calls have no home
+                replace_submodule(model, target, module)
     records = []
     for record in the_plan.layers:
         result = solved.get(record.target)

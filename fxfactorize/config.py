@@ -6,6 +6,8 @@ import dataclasses
 import numbers
 from typing import Any
 
+from torch import nn
+
 __all__ = ["FactorizeConfig", "resolve_latent_size", "validate_latent_size"]
 
 
@@ -51,6 +53,24 @@ def _validate_min_size(value: Any, name: str) -> int:
     raise ValueError(f"{name} must be an int >= 0; got {value!r}")
 
 
+def _validate_leaf_modules(value: Any) -> tuple:
+    if isinstance(value, (str, type)):  # one entry given bare
+        value = (value,)
+    try:
+        entries = tuple(value)
+    except TypeError:
+        entries = (value,)
+    for entry in entries:
+        if not (
+            isinstance(entry, str) or (isinstance(entry, type) and issubclass(entry, nn.Module))
+        ):
+            raise ValueError(
+                "leaf_modules must hold nn.Module subclasses or qualified submodule names; "
+                f"got {entry!r}"
+            )
+    return entries
+
+
 @dataclasses.dataclass(frozen=True)
 class FactorizeConfig:
     """What to factorize and how.
@@ -78,6 +98,12 @@ class FactorizeConfig:
             unit: MACs or seconds) stays ≤ ``budget`` × the original.
         rank_multiple: ranks are rounded up to a multiple of this where the cost model predicts
             that costs nothing (with ``budget``: the grid of candidate ranks).
+        on_untraceable: ``"descend"`` (transform the largest submodules that torch.fx can trace
+            when the whole model cannot be traced) or ``"raise"`` (a ``TraceError``).
+        leaf_modules: extra module types or qualified names (relative to the model) that tracing
+            keeps as opaque calls, on top of :data:`DEFAULT_LEAF_MODULES`.
+        functional: also factorize ``F.linear``/``F.conv*``/``matmul`` calls whose weight is a
+            parameter (they become module calls first).
 
     >>> FactorizeConfig(latent_features=64).latent_features
     64
@@ -99,9 +125,12 @@ class FactorizeConfig:
     tolerance: float | None = None
     budget: float | None = None
     rank_multiple: int = 1
+    on_untraceable: str = "descend"
+    leaf_modules: tuple = ()
+    functional: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("linears", "convs", "progress"):
+        for name in ("linears", "convs", "progress", "functional"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
         for name in ("min_features", "min_channels"):
@@ -109,6 +138,11 @@ class FactorizeConfig:
         for name in ("latent_features", "latent_channels"):
             object.__setattr__(self, name, validate_latent_size(getattr(self, name), name))
         self._validate_rank_policy()
+        if self.on_untraceable not in ("descend", "raise"):
+            raise ValueError(
+                f"on_untraceable must be 'descend' or 'raise'; got {self.on_untraceable!r}"
+            )
+        object.__setattr__(self, "leaf_modules", _validate_leaf_modules(self.leaf_modules))
         if not isinstance(self.method, str):
             raise ValueError(
                 f"method must be a str naming a registered method; got {self.method!r}"

@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from fxfactorize.errors import FactorizeError
+from fxfactorize.errors import FactorizeError, TraceError
 from fxfactorize.methods import get_method
 from fxfactorize.modules.factorized import _FactorizedModule
 from fxfactorize.passes.cost import describe_module
-from fxfactorize.passes.rewrite import rewrite
+from fxfactorize.passes.functional import convert_functional_layers
+from fxfactorize.passes.rewrite import replace_submodule, rewrite
 from fxfactorize.passes.trace import trace
-from fxfactorize.report import Report
+from fxfactorize.report import PartialReport, Report
 
 __all__ = ["FORMAT_VERSION", "LoadError", "load", "read_saved", "save"]
 
@@ -84,8 +85,8 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
     >>> sorted(p.name for p in folder.iterdir())
     ['plan.json', 'weights.pt']
     """
-    if not isinstance(gm, fx.GraphModule):
-        raise TypeError(
+    if not isinstance(gm, fx.GraphModule) and not isinstance(getattr(gm, "meta", None), dict):
+        raise TypeError(  # a partially traced result is the model itself, carrying .meta
             f"gm must be a torch.fx.GraphModule from transform; got {type(gm).__name__}"
         )
     folder = Path(path)
@@ -158,7 +159,13 @@ def load(path: str | os.PathLike, original_model: nn.Module) -> fx.GraphModule:
             f"original_model must be a torch.nn.Module; got {type(original_model).__name__}"
         )
     document = read_saved(path)
-    gm = trace(copy.deepcopy(original_model))
+    try:
+        gm = trace(copy.deepcopy(original_model))
+    except TraceError:  # saved from a partial transform: put the layers back into the module tree
+        gm = copy.deepcopy(original_model)
+    saved_config = (document.get("report") or {}).get("config") or {}
+    if isinstance(gm, fx.GraphModule) and saved_config.get("functional", False):
+        convert_functional_layers(gm)  # as transform did: F.linear & co. on parameters → layers
     replacements = {}
     for entry in document["layers"]:
         target = entry["target"]
@@ -184,12 +191,20 @@ def load(path: str | os.PathLike, original_model: nn.Module) -> fx.GraphModule:
                 f"saved layer {target!r} is a {entry['kind']} but rebuilding the original "
                 f"{type(module).__name__} gives a {type(replacements[target]).__name__}"
             )
-    rewrite(gm, replacements)
+    if isinstance(gm, fx.GraphModule):
+        rewrite(gm, replacements)
+    else:
+        for target, module in replacements.items():
+            replace_submodule(gm, target, module)
     state = torch.load(Path(path) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     _load_state(gm, state)
     gm.train(bool(document.get("training", False)))
     if document.get("report") is not None:
-        gm.meta["fxfactorize"] = Report.from_dict(document["report"])
+        saved = document["report"]
+        if not isinstance(gm, fx.GraphModule):
+            gm.meta = getattr(gm, "meta", None) or {}
+        partial = "regions" in saved  # issue 7's PartialReport
+        gm.meta["fxfactorize"] = (PartialReport if partial else Report).from_dict(saved)
     return gm
 
 

@@ -349,3 +349,76 @@ def _parse(data: dict[str, Any], kind: str) -> tuple[list[LayerRecord], object]:
         )
     layers = [LayerRecord.from_dict(item) for item in data["layers"]]
     return layers, _config_from_dict(data.get("config"))
+
+
+@dataclasses.dataclass(frozen=True)
+class UntracedModule:
+    """A module torch.fx could not trace whole (its traceable children were transformed instead)."""
+
+    name: str  # qualified name in the model; "" is the model itself
+    module_class: str
+    reason: str  # torch.fx's message
+
+
+def _regions_text(regions: list[str], untraced: list[UntracedModule]) -> list[str]:
+    lines = [f"traced regions: {', '.join(regions) or 'none'}"]
+    for module in untraced:
+        name = module.name or "(model)"
+        lines.append(f"not traced: {name} ({module.module_class}): {module.reason}")
+    return lines
+
+
+class PartialPlan(Plan):
+    """The :class:`Plan` of a model whose root did not trace, with its ``regions`` and ``untraced``
+    modules (see :class:`PartialReport`)."""
+
+    def __init__(
+        self,
+        layers: Iterable[LayerRecord],
+        config: object,
+        regions: Iterable[str] = (),
+        untraced: Iterable[UntracedModule] = (),
+    ) -> None:
+        super().__init__(layers, config)
+        self.regions = list(regions)
+        self.untraced = list(untraced)
+
+    def __str__(self) -> str:
+        return "\n".join([super().__str__(), *_regions_text(self.regions, self.untraced)])
+
+
+class PartialReport(Report):
+    """The :class:`Report` of a model whose root did not trace: the table of every layer found in
+    the traced ``regions`` (qualified names of the submodules that became GraphModules or were
+    replaced whole), plus the ``untraced`` modules with torch.fx's reason.
+    """
+
+    def __init__(
+        self,
+        layers: Iterable[LayerRecord],
+        config: object,
+        seconds: float = 0.0,
+        regions: Iterable[str] = (),
+        untraced: Iterable[UntracedModule] = (),
+    ) -> None:
+        super().__init__(layers, config, seconds)
+        self.regions = list(regions)
+        self.untraced = list(untraced)
+
+    def __str__(self) -> str:
+        return "\n".join([super().__str__(), *_regions_text(self.regions, self.untraced)])
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`Report.to_dict`, plus ``regions`` and ``untraced`` (name, class, reason)."""
+        untraced = [dataclasses.asdict(module) for module in self.untraced]
+        return {**super().to_dict(), "regions": list(self.regions), "untraced": untraced}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PartialReport:
+        """Inverse of :meth:`to_dict`."""
+        report = Report.from_dict(data)
+        untraced = [UntracedModule(**module) for module in data.get("untraced", [])]
+        return cls(report.layers, report.config, report.seconds, data.get("regions", []), untraced)
+
+
+__all__ += ["PartialPlan", "PartialReport", "UntracedModule"]  # issue 7: partial tracing

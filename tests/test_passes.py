@@ -149,10 +149,16 @@ def test_plan_fraction_is_of_the_smaller_side_and_pure():
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
 
 
-def test_plan_skips_grouped_convs_with_a_reason():
+def test_plan_factorizes_grouped_convs_per_group():
     gm = annotated(nn.Sequential(nn.Conv2d(256, 256, 3, groups=4)), torch.randn(1, 256, 5, 5))
     (record,) = plan_graph(gm, FactorizeConfig()).layers
-    assert record.rank is None and "groups=4" in record.reason
+    assert record.rank == 64 and record.rank % 4 == 0 and record.macs_after < record.macs_before
+
+
+def test_plan_skips_depthwise_convs_with_a_reason():
+    gm = annotated(nn.Sequential(nn.Conv2d(256, 256, 3, groups=256)), torch.randn(1, 256, 5, 5))
+    (record,) = plan_graph(gm, FactorizeConfig()).layers
+    assert record.rank is None and "depthwise" in record.reason and "groups=256" in record.reason
 
 
 def test_solve_and_rewrite_swap_in_factorized_pairs():

@@ -8,6 +8,7 @@ from fxfactorize.core.lowrank import factorize_weight
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.solution import LowRankSolution
 from fxfactorize.methods.base import Solved
+from fxfactorize.modules.conv import FactorizedConv1d, FactorizedConv3d, FactorizedConvNd
 from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedLinear
 from fxfactorize.passes.cost import LayerShape
 
@@ -16,7 +17,7 @@ __all__ = ["LowRankMethod", "grouped_weight", "solution_from_factors"]
 
 def grouped_weight(module: nn.Module) -> tuple:
     """``(weight [G, M_g, D_g], bias)`` of a Linear, a Conv2d or an existing factorized pair."""
-    if isinstance(module, (FactorizedLinear, FactorizedConv2d)):
+    if isinstance(module, (FactorizedLinear, FactorizedConv2d, FactorizedConvNd)):
         first, second = module.module0.weight, module.module1.weight
         groups = module.groups
         rank_g = first.shape[0] // groups
@@ -37,17 +38,21 @@ def solution_from_factors(module: nn.Module, factors, rank: int) -> LowRankSolut
     groups = first.shape[0]
     in_per_group = module.in_channels // groups
     wa = first.reshape(rank, in_per_group, *kernel)
-    wb = second.reshape(-1, rank // groups, 1, 1)
+    wb = second.reshape(-1, rank // groups, *(1 for _ in kernel))  # pointwise, any conv dims
     return LowRankSolution(wa, wb, factors.bias, rank, factors.nmse)
 
 
+_CONV_PAIRS = {"conv1d": FactorizedConv1d, "conv2d": FactorizedConv2d, "conv3d": FactorizedConv3d}
+_KINDS = ("linear", *_CONV_PAIRS)
+
+
 class LowRankMethod:
-    """Handler of ``method="lowrank"``: a Linear or Conv2d becomes a rank-r pair."""
+    """Handler of ``method="lowrank"``: a Linear or Conv1d/2d/3d becomes a rank-r pair."""
 
     name = "lowrank"
 
     def accepts(self, layer: LayerShape) -> str | None:
-        if layer.kind not in ("linear", "conv2d"):
+        if layer.kind not in _KINDS:
             return f"method 'lowrank' does not handle {layer.kind}"
         return None
 
@@ -76,7 +81,7 @@ class LowRankMethod:
                 layer.in_features, layer.out_features, bias=has_bias, latent_features=rank, **like
             )
         else:
-            new = FactorizedConv2d(
+            new = _CONV_PAIRS[layer.kind](
                 layer.in_features,
                 layer.out_features,
                 layer.kernel,
@@ -91,7 +96,7 @@ class LowRankMethod:
 
 
 def _conv_kwargs(module: nn.Module) -> dict:
-    if isinstance(module, FactorizedConv2d):
+    if isinstance(module, (FactorizedConv2d, FactorizedConvNd)):
         return dict(module.convolution_kwargs)
     return {
         "stride": module.stride,

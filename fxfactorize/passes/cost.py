@@ -11,6 +11,7 @@ import math
 
 from torch import fx, nn
 
+from fxfactorize.modules.conv import FactorizedConvNd
 from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedLinear
 
 __all__ = ["LAYER_META", "LayerShape", "annotate_costs", "describe_module"]
@@ -22,7 +23,7 @@ LAYER_META = "fxfactorize_layer"
 class LayerShape:
     """Geometry of a linear operator ``y = W x + b`` applied at ``positions`` places.
 
-    ``kind`` is ``"linear"`` or ``"conv2d"``; for a conv ``in_features``/``out_features`` are
+    ``kind`` is ``"linear"``, ``"conv1d"``, ``"conv2d"`` or ``"conv3d"``; for a conv ``in_features``/``out_features`` are
     channels and ``kernel`` the kernel size. ``latent`` is the current rank of an already
     factorized pair (``None`` for a plain layer).
 
@@ -124,7 +125,27 @@ def describe_module(module: nn.Module, output_numel: int) -> LayerShape | None:
             output_numel // out,
             module.bias is not None,
         )
-    return None
+    return _describe_conv_nd(module, output_numel)
+
+
+def _describe_conv_nd(module: nn.Module, output_numel: int) -> LayerShape | None:
+    """Conv1d/Conv3d and their factorized pairs (kinds ``"conv1d"``/``"conv3d"``)."""
+    factorized = isinstance(module, FactorizedConvNd)
+    if not factorized and not isinstance(module, (nn.Conv1d, nn.Conv3d)):
+        return None
+    kind = f"conv{len(module.kernel_size)}d"
+    out = module.out_channels
+    bias = (module.module1 if factorized else module).bias is not None
+    return LayerShape(
+        kind,
+        module.in_channels,
+        out,
+        tuple(module.kernel_size),
+        module.groups,
+        output_numel // out,
+        bias,
+        latent=module.latent_channels if factorized else None,
+    )
 
 
 def annotate_costs(gm: fx.GraphModule) -> fx.GraphModule:

@@ -24,7 +24,7 @@ from fxfactorize.report import LayerRecord, Plan
 
 __all__ = ["candidate_targets", "method_for", "plan_graph"]
 
-_OP_NAMES = {"linear": "Linear", "conv2d": "Conv2d"}
+_OP_NAMES = {"linear": "Linear", "conv1d": "Conv1d", "conv2d": "Conv2d", "conv3d": "Conv3d"}
 
 
 def _layer_nodes(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, LayerShape]]:
@@ -71,8 +71,11 @@ def _skip_reason(layer: LayerShape, config: FactorizeConfig) -> str | None:
     refused = get_method(method_for(layer, config)).accepts(layer)
     if refused:
         return refused
-    if layer.groups > 1:
-        return f"grouped conv (groups={layer.groups}) is not factorized by this pass"
+    if layer.groups > 1 and layer.in_features == layer.groups and layer.out_per_group == 1:
+        return (
+            f"depthwise conv (groups={layer.groups}): one input and one output channel per group, "
+            "so no per-group pair is cheaper"
+        )
     smallest = min(layer.in_features, layer.out_features)
     if smallest < min_size:
         return f"min(in, out)={smallest} < {names[1]}={min_size}"
@@ -94,6 +97,8 @@ def _decide(
         return None, reason
     method = get_method(method_for(layer, config))
     rank = _fixed_rank(layer, config) if rank is None else rank
+    if layer.groups > 1:  # each group gets rank // groups latent channels (at least one)
+        rank = max(1, rank // layer.groups) * layer.groups
     if layer.latent is not None and rank >= layer.latent:
         return None, f"already factorized at rank {layer.latent}"
     macs_after, _ = method.cost(layer, rank)

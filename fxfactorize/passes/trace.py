@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from torch import fx, nn
 
 from fxfactorize.errors import TraceError
 from fxfactorize.modules.factorized import _FactorizedModule
 
-__all__ = ["FactorizeTracer", "trace"]
+__all__ = ["DEFAULT_LEAF_MODULES", "FactorizeTracer", "trace"]
+
+# Kept whole: attention packs its projections into one parameter (nothing for a Linear pass to
+# take) and inlining it would add dozens of nodes per layer. ``torch.nn`` layers are leaves anyway;
+# listing it makes the policy explicit and survives torch.fx changing its default.
+DEFAULT_LEAF_MODULES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
 
 
 class FactorizeTracer(fx.Tracer):
@@ -22,7 +28,7 @@ class FactorizeTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[type[nn.Module] | str] = ()) -> None:
         super().__init__()
-        leaves = tuple(leaf_modules)
+        leaves = (*DEFAULT_LEAF_MODULES, *leaf_modules)
         self.leaf_types = tuple(leaf for leaf in leaves if isinstance(leaf, type))
         self.leaf_names = frozenset(leaf for leaf in leaves if isinstance(leaf, str))
 
@@ -34,8 +40,15 @@ class FactorizeTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module] | str] = ()) -> fx.GraphModule:
+def trace(
+    model: nn.Module,
+    leaf_modules: Iterable[type[nn.Module] | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
     """Symbolically trace ``model`` into a GraphModule whose submodules are ``model``'s own objects.
+
+    ``leaf_modules`` adds module types or qualified names kept as opaque calls;
+    ``concrete_args`` fixes some inputs to constants while tracing (as ``torch.fx.symbolic_trace``).
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``.
@@ -49,7 +62,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module] | str] = ()) 
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     tracer = FactorizeTracer(leaf_modules)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as error:  # torch.fx raises many types; all mean "cannot trace"
         reason = f"{type(error).__name__}: {error}".strip().splitlines()[0]
         raise TraceError(type(model).__name__, reason) from error
