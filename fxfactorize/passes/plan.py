@@ -121,9 +121,11 @@ def _site(gm: fx.GraphModule, node: fx.Node, layer: LayerShape) -> LayerSite:
 
 def _too_slow(site: LayerSite, rank: int, cost_model: CostModel) -> str | None:
     """The reason a pair at ``rank`` is not worth it by the cost model, or ``None``."""
+    before, after = cost_model.cost(site, None), cost_model.cost(site, rank)
+    if site.layer.latent is not None and after <= before:
+        return None  # lowering an existing pair's rank: the margin guards against the original only
     if cost_model.pays(site, rank):
         return None
-    before, after = cost_model.cost(site, None), cost_model.cost(site, rank)
     return (
         f"{cost_model.name} cost model: rank {rank} is not cheaper by "
         f"{cost_model.margin:.0%} ({before:.3g} → {after:.3g} {cost_model.unit})"
