@@ -1,6 +1,8 @@
 import torch
 from hypothesis import HealthCheck, settings
 
+from fxfactorize.conftest import _pinned_device_profile  # noqa: F401  (autouse fixture)
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 # Hypothesis profiles: "ci" (the default) keeps the property suite's time bounded and its draws

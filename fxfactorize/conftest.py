@@ -1,4 +1,6 @@
-"""Pins the latency cost model's device profile so that plans in tests never depend on timing."""
+"""Pins the latency cost model's device profile so that plans in tests and doctests never depend
+on timing. Lives in the package so it covers the doctests; ``tests/conftest.py`` imports it too.
+Not shipped in the wheel (see pyproject.toml)."""
 
 import pytest
 import torch
