@@ -8,8 +8,8 @@ from fxfactorize.core.lowrank import factorize_weight
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.solution import LowRankSolution
 from fxfactorize.methods.base import Solved
-from fxfactorize.modules.conv import FactorizedConv1d, FactorizedConv3d, FactorizedConvNd
-from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedLinear
+from fxfactorize.modules.conv import FactorizedConv1d, FactorizedConv3d
+from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedConvNd, FactorizedLinear
 from fxfactorize.passes.cost import LayerShape
 
 __all__ = ["LowRankMethod", "grouped_weight", "solution_from_factors"]
@@ -17,7 +17,7 @@ __all__ = ["LowRankMethod", "grouped_weight", "solution_from_factors"]
 
 def grouped_weight(module: nn.Module) -> tuple:
     """``(weight [G, M_g, D_g], bias)`` of a Linear, a Conv2d or an existing factorized pair."""
-    if isinstance(module, (FactorizedLinear, FactorizedConv2d, FactorizedConvNd)):
+    if isinstance(module, (FactorizedLinear, FactorizedConvNd)):
         first, second = module.module0.weight, module.module1.weight
         groups = module.groups
         rank_g = first.shape[0] // groups
@@ -96,7 +96,7 @@ class LowRankMethod:
 
 
 def _conv_kwargs(module: nn.Module) -> dict:
-    if isinstance(module, (FactorizedConv2d, FactorizedConvNd)):
+    if isinstance(module, FactorizedConvNd):
         return dict(module.convolution_kwargs)
     return {
         "stride": module.stride,

@@ -19,6 +19,7 @@ from fxfactorize.core.solution import LowRankSolution
 
 __all__ = [
     "FactorizedConv2d",
+    "FactorizedConvNd",
     "FactorizedLinear",
     "factorizing_could_speedup",
     "max_rank_with_speedup",
@@ -264,32 +265,28 @@ class FactorizedLinear(_FactorizedModule):
         return f"in_features={self.in_size}, out_features={self.out_size}, latent_features={self.latent_size}"
 
 
-class FactorizedConv2d(_FactorizedModule):
-    """Factorized replacement for :class:`torch.nn.Conv2d`: a K×K conv to ``latent_channels``
-    channels (with the original stride, padding, dilation, padding mode and groups) followed by a
-    1×1 conv to ``out_channels`` (same groups, with bias).
+def _ntuple(value: int | tuple[int, ...], dims: int) -> tuple[int, ...]:
+    return (value,) * dims if isinstance(value, int) else tuple(value)
 
-    With ``groups = g`` each group is factorized on its own: ``module0`` is
-    ``Conv2d(in, r, K, groups=g)`` and ``module1`` ``Conv2d(r, out, 1, groups=g)``, so ``r`` is a
-    multiple of ``g`` and the group structure is kept.
 
-    >>> conv = FactorizedConv2d(64, 64, 3, latent_channels=16, padding=1)
-    >>> conv(torch.randn(1, 64, 8, 8)).shape
-    torch.Size([1, 64, 8, 8])
-    """
+class FactorizedConvNd(_FactorizedModule):
+    """Shared logic of the N-d conv pairs; subclasses set ``dims`` and ``conv_class``."""
+
+    dims: int = 0
+    conv_class: type[nn.Module] = nn.Module
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int | tuple[int, int],
+        kernel_size: int | tuple[int, ...],
         latent_channels: int | float = 0.25,
         **kwargs,
     ) -> None:
         groups = int(kwargs.pop("groups", 1))
         bias = bool(kwargs.pop("bias", True))
-        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-        self.kernel_size = _pair(kernel_size)
+        factory = {"device": kwargs.pop("device", None), "dtype": kwargs.pop("dtype", None)}
+        self.kernel_size = _ntuple(kernel_size, self.dims)
         super().__init__(in_channels, out_channels, latent_channels, groups=groups)
         if not self.should_factorize(self.latent_size):
             raise ValueError(
@@ -298,8 +295,7 @@ class FactorizedConv2d(_FactorizedModule):
                 f"{self._max_rank_with_speedup()}"
             )
         self.convolution_kwargs = dict(kwargs)
-        factory = {"device": device, "dtype": dtype}
-        self.module0 = nn.Conv2d(
+        self.module0 = self.conv_class(
             in_channels,
             self.latent_size,
             self.kernel_size,
@@ -308,12 +304,12 @@ class FactorizedConv2d(_FactorizedModule):
             **kwargs,
             **factory,
         )
-        self.module1 = nn.Conv2d(
+        self.module1 = self.conv_class(
             self.latent_size, out_channels, 1, groups=groups, bias=bias, **factory
         )
 
     def _fan_in_per_group(self) -> int:
-        return self.in_size // self.groups * self.kernel_size[0] * self.kernel_size[1]
+        return self.in_size // self.groups * math.prod(self.kernel_size)
 
     @property
     def in_channels(self) -> int:
@@ -334,7 +330,39 @@ class FactorizedConv2d(_FactorizedModule):
         self.module1.in_channels = rank
 
     def _solution_weights(self, solution: LowRankSolution) -> tuple[torch.Tensor, torch.Tensor]:
-        return solution.Wa, solution.Wb  # already [r, in/g, kh, kw] and [out, r/g, 1, 1]
+        return solution.Wa, solution.Wb  # [r, in/g, *kernel] and [out, r/g, 1, ...]
+
+    @classmethod
+    def max_allowed_latent_channels(
+        cls, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...]
+    ) -> int:
+        """Largest latent channel count that lowers the multiply-add count (groups=1)."""
+        fan_in = in_channels * math.prod(_ntuple(kernel_size, cls.dims))
+        return max_rank_with_speedup(fan_in, out_channels)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_size}, out_channels={self.out_size}, "
+            f"kernel_size={self.kernel_size}, latent_channels={self.latent_size}, groups={self.groups}"
+        )
+
+
+class FactorizedConv2d(FactorizedConvNd):
+    """Factorized replacement for :class:`torch.nn.Conv2d`: a K×K conv to ``latent_channels``
+    channels (with the original stride, padding, dilation, padding mode and groups) followed by a
+    1×1 conv to ``out_channels`` (same groups, with bias).
+
+    With ``groups = g`` each group is factorized on its own: ``module0`` is
+    ``Conv2d(in, r, K, groups=g)`` and ``module1`` ``Conv2d(r, out, 1, groups=g)``, so ``r`` is a
+    multiple of ``g`` and the group structure is kept.
+
+    >>> conv = FactorizedConv2d(64, 64, 3, latent_channels=16, padding=1)
+    >>> conv(torch.randn(1, 64, 8, 8)).shape
+    torch.Size([1, 64, 8, 8])
+    """
+
+    dims = 2
+    conv_class = nn.Conv2d
 
     @staticmethod
     def max_allowed_latent_channels(
@@ -402,12 +430,6 @@ class FactorizedConv2d(_FactorizedModule):
             wb = factors.second.reshape(module.out_channels, rank // groups, 1, 1)
             new.apply_solution(LowRankSolution(wa, wb, _kept_bias(module, new), rank))
         return new
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_channels={self.in_size}, out_channels={self.out_size}, "
-            f"kernel_size={self.kernel_size}, latent_channels={self.latent_size}, groups={self.groups}"
-        )
 
 
 def _check_init(init: str) -> None:

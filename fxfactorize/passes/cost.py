@@ -11,8 +11,7 @@ import math
 
 from torch import fx, nn
 
-from fxfactorize.modules.conv import FactorizedConvNd
-from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedLinear
+from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedConvNd, FactorizedLinear
 
 __all__ = ["LAYER_META", "LayerShape", "annotate_costs", "describe_module"]
 
