@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -18,9 +17,9 @@ from fxfactorize.passes.cost import annotate_costs
 from fxfactorize.passes.functional import convert_functional_layers
 from fxfactorize.passes.plan import candidate_targets, plan_graph
 from fxfactorize.passes.regions import calibratable_targets, plan_regions, transform_regions
-from fxfactorize.passes.rewrite import replace_submodule, rewrite
+from fxfactorize.passes.rewrite import has_submodule, replace_submodule, rewrite
 from fxfactorize.passes.shapes import propagate_shapes
-from fxfactorize.passes.solve import solve_plan
+from fxfactorize.passes.solve import solve_plan, solved_records
 from fxfactorize.passes.trace import trace
 from fxfactorize.report import Plan, Report
 
@@ -32,14 +31,6 @@ log = logging.getLogger("fxfactorize")
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-
-
-def _has_submodule(model: nn.Module, target: str) -> bool:
-    try:
-        model.get_submodule(target)
-    except AttributeError:
-        return False
-    return True
 
 
 def _analyse(
@@ -152,24 +143,13 @@ def transform(
             the_plan = plan_graph(gm, config, moments=moments)
     solved = solve_plan(gm, the_plan, moments, progress=config.progress)
     replacements = {target: result.module for target, result in solved.items()}
-    originals = {t: model.get_submodule(t) for t in replacements if _has_submodule(model, t)}
+    originals = {t: model.get_submodule(t) for t in replacements if has_submodule(model, t)}
     rewrite(gm, replacements)
     if inplace:
         for target, module in replacements.items():
-            if _has_submodule(model, target):  # layers made from functional calls have no home
+            if has_submodule(model, target):  # layers made from functional calls have no home
                 replace_submodule(model, target, module)
-    records = []
-    for record in the_plan.layers:
-        result = solved.get(record.target)
-        if result is not None:
-            record = dataclasses.replace(
-                record,
-                nmse=result.nmse,
-                nmse_source=result.nmse_source,
-                detail=result.detail or record.detail,
-                params_after=sum(p.numel() for p in result.module.parameters()),
-            )
-        records.append(record)
+    records = solved_records(the_plan, solved)
     if optimizers is not None:
         update_optimizers(optimizers, model, gm, originals)
     report = Report(records, config, seconds=time.perf_counter() - started)

@@ -32,9 +32,9 @@ from fxfactorize.passes.calibrate import MomentCollector, calibration_batches
 from fxfactorize.passes.cost import annotate_costs
 from fxfactorize.passes.functional import convert_functional_layers
 from fxfactorize.passes.plan import plan_graph
-from fxfactorize.passes.rewrite import replace_submodule, rewrite
+from fxfactorize.passes.rewrite import has_submodule, replace_submodule, rewrite
 from fxfactorize.passes.shapes import evaluation_mode, normalize_inputs, propagate_shapes
-from fxfactorize.passes.solve import solve_plan
+from fxfactorize.passes.solve import solve_plan, solved_records
 from fxfactorize.passes.trace import DEFAULT_LEAF_MODULES, FactorizeTracer, trace
 from fxfactorize.report import (
     LayerRecord,
@@ -275,14 +275,6 @@ def _qualify_target(target: str, region: Region) -> str:
     return region.name if region.layer else f"{region.name}.{target}"
 
 
-def _has_submodule(model: nn.Module, target: str) -> bool:
-    try:
-        model.get_submodule(target)
-    except AttributeError:
-        return False
-    return True
-
-
 def _qualify(record: LayerRecord, region: Region) -> LayerRecord:
     if region.layer:  # the wrapper's one layer is the region itself
         return dataclasses.replace(record, node=region.name, target=region.name)
@@ -431,19 +423,10 @@ def transform_regions(
         solved = solve_plan(gm, the_plan, stats, progress=config.progress)
         for target in solved:
             name = _qualify_target(target, region)
-            if _has_submodule(original, name):
+            if has_submodule(original, name):
                 replaced[name] = original.get_submodule(name)
         rewrite(gm, {target: result.module for target, result in solved.items()})
-        for record in the_plan.layers:
-            result = solved.get(record.target)
-            if result is not None:
-                record = dataclasses.replace(
-                    record,
-                    nmse=result.nmse,
-                    nmse_source=result.nmse_source,
-                    params_after=sum(p.numel() for p in result.module.parameters()),
-                )
-            records.append(_qualify(record, region))
+        records += [_qualify(record, region) for record in solved_records(the_plan, solved)]
         if solved:  # a region with nothing factorized keeps its original module
             replace_submodule(model, region.name, gm.layer if region.layer else gm)
     if optimizers is not None:

@@ -6,7 +6,20 @@ from collections.abc import Mapping
 
 from torch import fx, nn
 
-__all__ = ["replace_submodule", "rewrite"]
+__all__ = ["has_submodule", "replace_submodule", "rewrite"]
+
+
+def has_submodule(root: nn.Module, target: str) -> bool:
+    """Whether ``root`` has a submodule at dotted path ``target``.
+
+    >>> has_submodule(nn.Sequential(nn.Linear(2, 2)), "0"), has_submodule(nn.Linear(2, 2), "0")
+    (True, False)
+    """
+    try:
+        root.get_submodule(target)
+    except AttributeError:
+        return False
+    return True
 
 
 def replace_submodule(root: nn.Module, target: str, new: nn.Module) -> nn.Module:

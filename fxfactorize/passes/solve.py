@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -11,9 +12,9 @@ from tqdm.auto import tqdm
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.methods import Solved, get_method
 from fxfactorize.passes.cost import LAYER_META
-from fxfactorize.report import Plan
+from fxfactorize.report import LayerRecord, Plan
 
-__all__ = ["solve_plan"]
+__all__ = ["solve_plan", "solved_records"]
 
 log = logging.getLogger("fxfactorize")
 
@@ -50,3 +51,20 @@ def solve_plan(
             solved[record.target].nmse,
         )
     return solved
+
+
+def solved_records(plan: Plan, solved: Mapping[str, Solved]) -> list[LayerRecord]:
+    """``plan``'s records, each solved one completed with its nmse, detail and realised params."""
+    records = []
+    for record in plan.layers:
+        result = solved.get(record.target)
+        if result is not None:
+            record = dataclasses.replace(
+                record,
+                nmse=result.nmse,
+                nmse_source=result.nmse_source,
+                detail=result.detail or record.detail,
+                params_after=sum(p.numel() for p in result.module.parameters()),
+            )
+        records.append(record)
+    return records
