@@ -2,8 +2,8 @@
 
 An expression is a list of *terms* (one tuple of index names per operand) and an output term.
 :func:`cheapest_order` searches every pairwise contraction tree (dynamic programming over subsets,
-exact up to 10 operands, greedy beyond) and returns its MAC count; :func:`contract` runs it with
-two-operand ``torch.einsum`` calls, so no intermediate larger than the plan's is ever built.
+exact up to 10 operands, greedy beyond) and returns its MAC count; :func:`contract` runs it as
+batched matrix products (:mod:`.pairwise`), so no intermediate larger than the plan's is ever built.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from fxfactorize.tensorized.pairwise import Contraction, Program, compile_plan, run
 
 __all__ = ["ContractionPlan", "cheapest_order", "contract"]
 
@@ -135,19 +137,26 @@ def contract(
         for tensor, term in zip(operands, terms, strict=True):
             sizes.update(zip(term, tensor.shape, strict=True))
         plan = cheapest_order(terms, output, tuple(sorted(sizes.items())))
-    names = sorted({i for t in terms for i in t} | set(output))
-    letter = dict(zip(names, _LETTERS, strict=False))
-
-    def run(node: object) -> tuple[torch.Tensor, tuple[str, ...]]:
-        if isinstance(node, int):
-            return operands[node], terms[node]
-        left, right, term = node
-        x, tx = run(left)
-        y, ty = run(right)
-        spec = "".join(letter[i] for i in tx) + "," + "".join(letter[i] for i in ty)
-        return torch.einsum(spec + "->" + "".join(letter[i] for i in term), x, y), term
-
     if isinstance(plan.tree, int):  # a single operand: a permutation / sum
+        names = sorted(set(terms[0]) | set(output))
+        letter = dict(zip(names, _LETTERS, strict=False))
         spec = "".join(letter[i] for i in terms[0])
         return torch.einsum(spec + "->" + "".join(letter[i] for i in output), operands[0])
-    return run(plan.tree)[0]
+    program = _program(plan, terms, tuple(tuple(t.shape) for t in operands), output)
+    if torch.is_grad_enabled() and not _is_compiling() and any(t.requires_grad for t in operands):
+        return Contraction.apply(program, *operands)
+    return run(program, operands)
+
+
+_compiler = getattr(torch, "compiler", None)
+# the compiler traces the plain ops (and fuses them itself) rather than a custom autograd node
+_is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)
+
+
+def _program(plan: ContractionPlan, terms: tuple, shapes: tuple, output: tuple) -> Program:
+    """The plan compiled for these operand layouts (cached on the plan)."""
+    programs = plan.__dict__.setdefault("programs", {})
+    key = (terms, shapes, output)
+    if key not in programs:
+        programs[key] = compile_plan(plan.tree, terms, shapes, output)
+    return programs[key]
