@@ -262,8 +262,8 @@ class Contraction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         program: Program = ctx.program
         needs = ctx.needs
-        operands = ctx.saved_tensors[: program.n_operands]
-        saved = ctx.saved_tensors[program.n_operands :]
+        everything = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
+        operands, saved = everything[: program.n_operands], everything[program.n_operands :]
         if torch.is_grad_enabled():  # create_graph=True: the saved operands carry their history
             return (None, *_differentiable_backward(program, operands, needs, grad_output))
         inverse = tuple(program.output_permutation.index(k) for k in range(grad_output.dim()))
