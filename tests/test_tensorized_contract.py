@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 from fxfactorize.tensorized import FactorizedLinear
 from fxfactorize.tensorized.contract import contract
@@ -72,3 +73,28 @@ def test_layer_gradients_and_gradients_of_gradients_are_exact(factorization, imp
 
     assert torch.autograd.gradcheck(forward, (x, *factors))
     assert torch.autograd.gradgradcheck(forward, (x, *factors))
+
+
+@pytest.mark.parametrize("factorization", ["cp", "tucker", "tt", "blocktt"])
+@pytest.mark.parametrize("implementation", ["factorized", "reconstructed"])
+def test_compiled_training_step_matches_eager_in_one_graph(factorization, implementation):
+    torch.manual_seed(1)
+    layer = FactorizedLinear(
+        (4, 8), (8, 4), factorization=factorization, rank=0.5, implementation=implementation
+    )
+    model = nn.Sequential(layer, nn.ReLU())
+    x = torch.randn(6, 32)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+    def gradients(module):
+        module.zero_grad(set_to_none=True)
+        out = module(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in layer.parameters()]
+
+    expected_out, expected_grads = gradients(model)
+    got_out, got_grads = gradients(torch.compile(model, backend="aot_eager"))
+    torch.testing.assert_close(got_out, expected_out, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

@@ -137,19 +137,35 @@ def contract(
         for tensor, term in zip(operands, terms, strict=True):
             sizes.update(zip(term, tensor.shape, strict=True))
         plan = cheapest_order(terms, output, tuple(sorted(sizes.items())))
-    if isinstance(plan.tree, int):  # a single operand: a permutation / sum
-        names = sorted(set(terms[0]) | set(output))
-        letter = dict(zip(names, _LETTERS, strict=False))
-        spec = "".join(letter[i] for i in terms[0])
-        return torch.einsum(spec + "->" + "".join(letter[i] for i in output), operands[0])
+    if isinstance(plan.tree, int) or _is_compiling():
+        # under torch.compile: plain einsums, which the compiler traces and fuses without
+        # tracing this module's layout planning
+        return _einsums(plan, operands, terms, output)
     program = _program(plan, terms, tuple(tuple(t.shape) for t in operands), output)
-    if torch.is_grad_enabled() and not _is_compiling() and any(t.requires_grad for t in operands):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in operands):
         return Contraction.apply(program, *operands)
     return run(program, operands)
 
 
+def _einsums(plan: ContractionPlan, operands, terms: tuple, output: tuple) -> torch.Tensor:
+    names = sorted({i for t in terms for i in t} | set(output))
+    letter = dict(zip(names, _LETTERS, strict=False))
+
+    def spec(term: tuple[str, ...]) -> str:
+        return "".join(letter[i] for i in term)
+
+    def evaluate(node: object) -> tuple[torch.Tensor, tuple[str, ...]]:
+        if isinstance(node, int):
+            return operands[node], terms[node]
+        (x, tx), (y, ty) = evaluate(node[0]), evaluate(node[1])
+        return torch.einsum(f"{spec(tx)},{spec(ty)}->{spec(node[2])}", x, y), node[2]
+
+    if isinstance(plan.tree, int):  # a single operand: a permutation / sum
+        return torch.einsum(f"{spec(terms[0])}->{spec(output)}", operands[0])
+    return evaluate(plan.tree)[0]
+
+
 _compiler = getattr(torch, "compiler", None)
-# the compiler traces the plain ops (and fuses them itself) rather than a custom autograd node
 _is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)
 
 

@@ -40,6 +40,14 @@ log = logging.getLogger("fxfactorize")
 IMPLEMENTATIONS = ("factorized", "reconstructed", "auto")
 
 
+def _assume_constant_result(function):
+    """What ``torch.compiler.assume_constant_result`` does, without importing the compiler (3 s)
+    at import time: torch.compile then calls ``function`` while tracing instead of tracing it."""
+    function._dynamo_marked_constant = True
+    return function
+
+
+@_assume_constant_result  # torch.compile calls it at trace time instead of tracing the search
 def plan_forward(structure: Structure, batch: int) -> tuple[ContractionPlan, ContractionPlan]:
     """Cheapest contraction plans of one layer of ``structure`` for ``batch`` input rows:
     ``(input with factors → output, factors → dense [out, in] weight)``."""
@@ -237,6 +245,8 @@ class FactorizedLinear(nn.Module):
         return tensors, terms
 
     def _check_index(self, indices: object) -> int:
+        if _is_compiling():  # isinstance on numbers.Integral breaks the graph; checked eagerly
+            return indices
         if not isinstance(indices, numbers.Integral) or not 0 <= indices < self.n_layers:
             raise ValueError(f"indices must be an int in [0, {self.n_layers}); got {indices!r}")
         return int(indices)
@@ -252,7 +262,7 @@ class FactorizedLinear(nn.Module):
         names = [m for m in self.structure.mode_names if m != "l"]
         outs = [m for m in names if m.startswith("o")]
         ins = [m for m in names if m.startswith("i")]
-        full = contract(tensors, terms, (*outs, *ins))
+        full = contract(tensors, terms, (*outs, *ins), plan_forward(self.structure, 1)[1])
         return full.reshape(self.out_features, self.in_features)
 
     def _bias(self, indices: int) -> torch.Tensor | None:
@@ -302,8 +312,7 @@ class FactorizedLinear(nn.Module):
             raise ValueError(
                 f"expected input with last dimension {self.in_features}; got shape {tuple(x.shape)}"
             )
-        if not _is_compiling():
-            indices = self._check_index(indices)
+        indices = self._check_index(indices)
         if not self.training and not torch.is_grad_enabled() and not _is_compiling():
             return F.linear(x, self._cached_weight(indices), self._bias(indices))
         if self.checkpointing and self.training and torch.is_grad_enabled():
