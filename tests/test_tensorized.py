@@ -267,3 +267,85 @@ def test_save_load_round_trips_a_tensorized_transform(tmp_path):
     gm.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), gm(x))
+
+
+@pytest.mark.parametrize("factorization", FORMATS)
+def test_from_linear_recovers_exactly_representable_float32_weight(factorization):
+    """A float32 weight takes decompose's float32 path; exact ranks must still be recovered."""
+    torch.manual_seed(9)
+    source = FactorizedLinear(IN, OUT, factorization=factorization, rank=EXACT[factorization])
+    linear = nn.Linear(24, 20)
+    with torch.no_grad():
+        linear.weight.copy_(source.get_weight())
+    kwargs = {"n_iter_max": 500} if factorization == "cp" else {}
+    layer = FactorizedLinear.from_linear(
+        linear,
+        rank=EXACT[factorization],
+        in_tensorized_features=IN,
+        out_tensorized_features=OUT,
+        factorization=factorization,
+        decomposition_kwargs=kwargs,
+    )
+    assert _relative_error(layer.get_weight(), linear.weight) < 1e-4
+
+
+def _exact_tt_error(weight: torch.Tensor, modes: tuple[int, ...], ranks: tuple[int, ...]) -> float:
+    """Relative squared error of the TT-SVD with exact (float64 LAPACK) truncated SVDs."""
+    tensor = weight.detach().double().T.reshape(*modes)
+    rest, left, lefts = tensor.reshape(-1), 1, []
+    for size, rank in zip(modes[:-1], ranks[1:-1], strict=True):
+        u, s, vh = torch.linalg.svd(rest.reshape(left * size, -1), full_matrices=False)
+        lefts.append(u[:, :rank])
+        rest, left = s[:rank, None] * vh[:rank], rank
+    for u in reversed(lefts):
+        rest = u @ rest.reshape(u.shape[1], -1)
+    return float((rest.reshape(tensor.shape) - tensor).norm() ** 2 / tensor.norm() ** 2)
+
+
+def test_tt_krylov_step_is_deterministic_and_near_the_exact_truncation():
+    """The 512×512 middle unfolding (bond 70) goes through the randomized block Krylov split:
+    two builds are bit-identical and the error is within 0.5 % of exact truncated SVDs'."""
+    torch.manual_seed(10)
+    linear = nn.Linear(512, 512)
+    modes, ranks = (8, 8, 8), (1, 8, 64, 70, 64, 8, 1)
+    layers = [
+        FactorizedLinear.from_linear(
+            linear,
+            rank=ranks,
+            in_tensorized_features=modes,
+            out_tensorized_features=modes,
+            factorization="tt",
+        )
+        for _ in range(2)
+    ]
+    for a, b in zip(layers[0].factors, layers[1].factors, strict=True):
+        assert torch.equal(a, b)
+    error = _relative_error(layers[0].get_weight(), linear.weight) ** 2
+    exact = _exact_tt_error(linear.weight, modes + modes, ranks)
+    assert error <= 1.005 * exact
+
+
+@pytest.mark.parametrize("factorization", FORMATS)
+def test_float32_path_matches_float64_path_error(factorization):
+    """The same weight decomposed in float32 (float32 values) and float64 (a 1e-12 nudge makes
+    them non-float32) reaches the same error, and repeated builds are bit-identical."""
+    torch.manual_seed(11)
+    linear = nn.Linear(64, 64)
+    nudged = copy.deepcopy(linear).double()
+    with torch.no_grad():
+        nudged.weight.add_(1e-12 * torch.randn(64, 64, dtype=torch.float64))
+    errors = []
+    for source in (linear, linear, nudged):
+        layer = FactorizedLinear.from_linear(
+            source,
+            rank=0.3,
+            in_tensorized_features=(4, 4, 4),
+            out_tensorized_features=(4, 4, 4),
+            factorization=factorization,
+        )
+        errors.append(_relative_error(layer.get_weight(), source.weight))
+        if len(errors) == 1:
+            first = [f.detach().clone() for f in layer.factors]
+        elif len(errors) == 2:
+            assert all(torch.equal(a, b) for a, b in zip(first, layer.factors, strict=True))
+    assert errors[0] == pytest.approx(errors[2], rel=1e-3)
