@@ -47,10 +47,29 @@ def _assume_constant_result(function):
     return function
 
 
+_PLANS: dict[tuple[Structure, int], tuple[ContractionPlan, ContractionPlan]] = {}
+
+
 @_assume_constant_result  # torch.compile calls it at trace time instead of tracing the search
 def plan_forward(structure: Structure, batch: int) -> tuple[ContractionPlan, ContractionPlan]:
     """Cheapest contraction plans of one layer of ``structure`` for ``batch`` input rows:
-    ``(input with factors → output, factors → dense [out, in] weight)``."""
+    ``(input with factors → output, factors → dense [out, in] weight)``.
+
+    >>> from fxfactorize.tensorized.ranks import resolve_ranks
+    >>> factorized, reconstructed = plan_forward(resolve_ranks("tt", (8, 8), (8, 8), 2), 1)
+    >>> factorized.macs < reconstructed.macs
+    True
+    """
+    # a dict, not functools.lru_cache: the compiler traces through lru_cache wrappers
+    key = (structure, batch)
+    if key not in _PLANS:
+        if len(_PLANS) > 4096:  # many distinct batch sizes: start over rather than grow
+            _PLANS.clear()
+        _PLANS[key] = _plan_forward(structure, batch)
+    return _PLANS[key]
+
+
+def _plan_forward(structure: Structure, batch: int) -> tuple[ContractionPlan, ContractionPlan]:
     terms = tuple(tuple(x for x in labels if x != "l") for _, labels in structure.factors())
     sizes = {**structure.mode_sizes, **structure.rank_sizes, "b": batch}
     sizes.pop("l", None)
@@ -166,6 +185,10 @@ class FactorizedLinear(nn.Module):
         self.structure: Structure = resolve_ranks(
             factorization, in_modes, out_modes, rank, self.n_layers
         )
+        layouts = [labels for _, labels in self.structure.factors()]
+        # per factor: where its layer mode is (None without one), and its labels without it
+        self._layer_positions = [labels.index("l") if "l" in labels else None for labels in layouts]
+        self._labels = [tuple(i for i in labels if i != "l") for labels in layouts]
         like = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(
             [nn.Parameter(torch.empty(shape, **like)) for shape, _ in self.structure.factors()]
@@ -234,15 +257,13 @@ class FactorizedLinear(nn.Module):
 
     def _terms(self, indices: int) -> tuple[list[torch.Tensor], list[tuple[str, ...]]]:
         """Factors and labels for one layer (the layer mode, if any, sliced at ``indices``)."""
-        tensors, terms = [], []
-        for factor, (_, labels) in zip(self.factors, self.structure.factors(), strict=True):
-            if "l" in labels:
-                position = labels.index("l")
-                factor = factor.select(position, indices)
-                labels = labels[:position] + labels[position + 1 :]
-            tensors.append(factor)
-            terms.append(labels)
-        return tensors, terms
+        factors = list(self.factors._parameters.values())  # iterating the ParameterList is slower
+        if self.n_layers > 1:
+            factors = [
+                f if position is None else f.select(position, indices)
+                for f, position in zip(factors, self._layer_positions, strict=True)
+            ]
+        return factors, self._labels
 
     def _check_index(self, indices: object) -> int:
         if _is_compiling():  # isinstance on numbers.Integral breaks the graph; checked eagerly
