@@ -349,3 +349,39 @@ def test_float32_path_matches_float64_path_error(factorization):
         elif len(errors) == 2:
             assert all(torch.equal(a, b) for a, b in zip(first, layer.factors, strict=True))
     assert errors[0] == pytest.approx(errors[2], rel=1e-3)
+
+
+def test_tt_krylov_step_recovers_a_low_rank_weight():
+    """A weight of rank 20 runs the Krylov space out (its blocks fall inside the earlier ones);
+    the split must still be an orthogonal projection, so a bond of 70 recovers the weight."""
+    torch.manual_seed(12)
+    linear = nn.Linear(512, 512)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(512, 20) @ torch.randn(20, 512) / 20)
+    layer = FactorizedLinear.from_linear(
+        linear,
+        rank=(1, 8, 64, 70, 64, 8, 1),
+        in_tensorized_features=(8, 8, 8),
+        out_tensorized_features=(8, 8, 8),
+        factorization="tt",
+    )
+    assert _relative_error(layer.get_weight(), linear.weight) < 1e-4
+
+
+def test_cp_float32_fit_of_a_rank_one_weight_is_refined_past_float32_resolution():
+    """Float32 sweeps cannot tell errors below ~1e-4 apart; a near-exact fit continues in
+    float64, so an (over-parametrized) CP of a rank-1 float32 weight is recovered to float32
+    precision."""
+    torch.manual_seed(13)
+    linear = nn.Linear(64, 64)
+    a, b = (torch.kron(torch.kron(*torch.rand(2, 4) + 0.5), torch.rand(4) + 0.5) for _ in "ab")
+    with torch.no_grad():
+        linear.weight.copy_(torch.outer(a, b))  # CP rank 1: a and b are Kronecker products
+    layer = FactorizedLinear.from_linear(
+        linear,
+        rank=0.25,
+        in_tensorized_features=(4, 4, 4),
+        out_tensorized_features=(4, 4, 4),
+        factorization="cp",
+    )
+    assert _relative_error(layer.get_weight(), linear.weight) < 1e-6  # float32 sweeps: ~1e-5

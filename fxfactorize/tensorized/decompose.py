@@ -6,10 +6,12 @@ relative error changes by less than ``tol``. All deterministic given ``seed`` (u
 rank exceeds a mode's size and the start needs extra columns, and by the TT range finder).
 
 Precision: when every entry of the tensor is a float32 value (the weight of a float32 or
-half-precision layer, cast to float64 by the caller), everything runs in float32, which is as
-precise as the float32 factors it fills (CP's normal equations retry in float64 where a float32
-Cholesky fails; the errors reached match float64's to ~1e-4 relative). Any other tensor is
-decomposed in float64 throughout. Factors are returned in float64 either way.
+half-precision layer, cast to float64 by the caller), the work runs in float32, about twice as
+fast; any other tensor is decomposed in float64 throughout. In float32, truncations through a
+Gram resolve singular values down to ~1e-3 of the largest (relative error ~1e-7 × condition
+number), far below the truncation error at any useful rank; CP's normal equations retry in
+float64 where a float32 Cholesky fails, and a CP fit closer than float32 can measure (relative
+error < 1e-3) is finished in float64. Factors are returned in float64 either way.
 """
 
 from __future__ import annotations
@@ -31,9 +33,13 @@ _KRYLOV_MIN = 512
 _KRYLOV_RATIO = 7
 _KRYLOV_WIDTH_DIV = 3  # blocks of rank / 3 columns, 10 of them (measured: the best error per ms)
 _KRYLOV_DEPTH = 9
+_KRYLOV_EXHAUSTED = 1e-3  # see _krylov_split
 # CP momentum (Nesterov-style extrapolation between ALS sweeps, restarted when a sweep from the
 # extrapolated point does worse): about 40 % fewer sweeps for the same error at rank 410.
 _BETA_START, _BETA_STEP, _BETA_MAX = 0.5, 0.1, 1.0
+# Below this relative error, float32 inner products no longer resolve the error (~1e-4): a
+# near-exact CP fit is refined in float64 from there.
+_CP_FLOAT32_FLOOR = 1e-3
 
 
 def decompose(tensor: torch.Tensor, structure: Structure, **kwargs: object) -> list[torch.Tensor]:
@@ -133,13 +139,15 @@ def _krylov_split(
     Gaussian ``Ω`` with ``rank / 3`` columns (Musco & Musco 2015: far closer to the exact
     truncation than a subspace iteration of the same cost). Block Lanczos with full
     reorthogonalization: each block is made orthogonal to the previous ones as it is built, so the
-    rows ``blockᵀ M`` computed along the way already form ``basisᵀ M``."""
+    rows ``blockᵀ M`` computed along the way already form ``basisᵀ M``. Where the space runs out
+    (a block numerically inside the previous ones: ``M`` of low rank), that orthogonality is lost,
+    and one Householder QR of the whole basis restores it."""
     m, n = matrix.shape
     width = -(-rank // _KRYLOV_WIDTH_DIV)
     omega = torch.randn(n, width, generator=generator, dtype=torch.float32).to(matrix.dtype)
     basis = matrix.new_empty(m, width * (_KRYLOV_DEPTH + 1))
     block = torch.linalg.qr(matrix @ omega).Q
-    rows = []
+    rows, exhausted = [], False
     for j in range(_KRYLOV_DEPTH + 1):
         basis[:, j * width : (j + 1) * width] = block
         rows.append(block.T @ matrix)
@@ -147,10 +155,18 @@ def _krylov_split(
             break
         done = basis[:, : (j + 1) * width]
         x = matrix @ rows[-1].T
-        for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
-            x = x - done @ (done.T @ x)
-        block = torch.linalg.qr(x).Q
-    small = torch.cat(rows)  # basisᵀ M
+        x = x - done @ (done.T @ x)
+        scale = float(x.norm(dim=0).max())
+        x = x - done @ (done.T @ x)  # twice: orthogonal to working precision (Kahan-Parlett)
+        block, r = torch.linalg.qr(x)
+        # QR divides by r's diagonal: where it is tiny against the block, rounding along the
+        # previous blocks dominates the new columns (measured: ≤ 1e-5 there, ≥ 1e-4 otherwise)
+        exhausted |= not float(r.diagonal().abs().min()) > _KRYLOV_EXHAUSTED * scale
+    if exhausted:
+        basis = torch.linalg.qr(basis).Q
+        small = basis.T @ matrix
+    else:
+        small = torch.cat(rows)  # basisᵀ M
     w = _leading_vectors(small, rank)
     return basis @ w, w.T @ small
 
@@ -257,7 +273,8 @@ def _cp_als(
 ) -> list[torch.Tensor]:
     """ALS with momentum. Keeps the last accepted sweep ``(factors, weights, error)``; after each
     accepted sweep the next starts from ``f + β (f - f_prev)``; a sweep that ends worse than the
-    last accepted one is discarded and the next restarts from it without momentum."""
+    last accepted one is discarded and the next restarts from it without momentum. Sweeps run in
+    ``tensor``'s dtype, switching to float64 once the error falls below float32's reach."""
     rank = structure.ranks[0]
     shape = tensor.shape
     generator = torch.Generator().manual_seed(seed)
@@ -274,6 +291,11 @@ def _cp_als(
             continue
         last = accepted
         accepted = (list(factors), weights, error)
+        if matrix.dtype != torch.float64 and error < _CP_FLOAT32_FLOOR:
+            matrix, factors = matrix.double(), [f.double() for f in factors]
+            # float64 errors are the ones to compare from here: accept the next sweep outright
+            accepted, beta = (list(factors), weights.double(), math.inf), 0.0
+            continue
         if last is not None and abs(last[2] - error) < tol:
             break
         beta = min(_BETA_MAX, beta + _BETA_STEP) if beta else _BETA_START
@@ -348,15 +370,16 @@ def _half_mttkrp(half: torch.Tensor, side_factors: list[torch.Tensor], j: int) -
 
 def _solve_normal(gram: torch.Tensor, mttkrp: torch.Tensor) -> torch.Tensor:
     """``mttkrp @ gram⁻¹`` in ``gram``'s dtype (``gram`` gets a tiny ridge added in place)."""
-    # a tiny ridge (above rounding) keeps the normal equations solvable when columns align
-    ridge = max(1e-10, 8 * torch.finfo(gram.dtype).eps)
-    gram.diagonal().add_(ridge * float(gram.diagonal().mean()) + 1e-30)
+    # a tiny ridge keeps the normal equations solvable when columns align
+    ridge = 1e-10 * float(gram.diagonal().mean()) + 1e-30
+    gram.diagonal().add_(ridge)
     chol, info = torch.linalg.cholesky_ex(gram)
     if int(info) == 0:
         return torch.cholesky_solve(mttkrp.T, chol).T
-    # float32 Cholesky failed: float64, then least squares (either way, back to gram's dtype)
     wide, rhs = gram.to(torch.float64), mttkrp.T.to(torch.float64)
-    chol, info = torch.linalg.cholesky_ex(wide)
-    if int(info) == 0:
-        return torch.cholesky_solve(rhs, chol).T.to(gram.dtype)
+    if gram.dtype != torch.float64:  # the ridge is below float32 rounding: retry in float64
+        wide.diagonal().add_(ridge)
+        chol, info = torch.linalg.cholesky_ex(wide)
+        if int(info) == 0:
+            return torch.cholesky_solve(rhs, chol).T.to(gram.dtype)
     return torch.linalg.lstsq(wide, rhs).solution.T.to(gram.dtype)
