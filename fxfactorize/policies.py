@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from fxfactorize.core.lowrank import reduced_rank_regression
+from fxfactorize.core.lowrank import reduced_rank_regression, singular_values
 from fxfactorize.core.moments import InputMoments
 
 __all__ = [
@@ -44,7 +44,7 @@ def error_curve(weight: torch.Tensor, moments: InputMoments | None = None) -> to
     spectra = []
     for g in range(w64.shape[0]):
         if moments is None:
-            spectra.append(torch.linalg.svdvals(w64[g]))
+            spectra.append(singular_values(w64[g]))
         else:
             spectra.append(reduced_rank_regression(moments.covariance()[g], w64[g].T, 1)[2])
     energy = (torch.stack(spectra) ** 2).sum(dim=0)  # per-group rank k keeps k values per group
