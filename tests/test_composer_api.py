@@ -209,3 +209,31 @@ def test_patch_rows_are_chunked():
     x = torch.randn(5, 2, 6, 6)
     chunks = list(conv_patch_rows(x, 3, padding=1, max_rows=40))
     assert len(chunks) == 5 and chunks[0].shape == (36, 18)
+
+
+@given(
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.integers(0, 40),
+    st.integers(1, 40),
+    st.integers(0, 2**31 - 1),
+)
+def test_truncated_svd_reaches_the_eckart_young_optimum(rows, cols, true_rank, rank, seed):
+    from fxfactorize.core.lowrank import singular_values, truncated_svd
+
+    generator = torch.Generator().manual_seed(seed)
+    inner = max(1, min(true_rank, rows, cols))
+    weight = torch.randn(rows, inner, generator=generator, dtype=torch.float64) @ torch.randn(
+        inner, cols, generator=generator, dtype=torch.float64
+    )
+    rank = min(rank, rows, cols)
+    first, second, spectrum = truncated_svd(weight, rank)
+    reference = torch.linalg.svdvals(weight)
+    scale = float(reference[0] ** 2)
+    torch.testing.assert_close(spectrum, reference, rtol=0, atol=1e-6 * reference[0])
+    torch.testing.assert_close(
+        singular_values(weight) ** 2, spectrum**2, rtol=0, atol=1e-12 * scale
+    )
+    error = float(((second @ first - weight) ** 2).sum())
+    optimum = float((reference[rank:] ** 2).sum())
+    assert abs(error - optimum) <= 1e-9 * scale
