@@ -5,9 +5,9 @@ sweeps. CP: alternating least squares from an SVD-based start, with momentum, st
 relative error changes by less than ``tol``. All deterministic given ``seed`` (used where CP's
 rank exceeds a mode's size and the start needs extra columns, and by the TT range finder).
 
-Precision: when every entry of the tensor is a float32 value (the weight of a float32 or
-half-precision layer, cast to float64 by the caller), the work runs in float32, about twice as
-fast; any other tensor is decomposed in float64 throughout. In float32, truncations through a
+Precision: a float32 or half-precision tensor, or a float64 one whose entries are all float32
+values (a float32 layer cast by the caller), is decomposed in float32, about twice as fast; any
+other tensor is decomposed in float64 throughout. In float32, truncations through a
 Gram resolve singular values down to ~1e-3 of the largest (relative error ~1e-7 × condition
 number), far below the truncation error at any useful rank; CP's normal equations retry in
 float64 where a float32 Cholesky fails, and a CP fit closer than float32 can measure (relative
@@ -58,11 +58,11 @@ def decompose(tensor: torch.Tensor, structure: Structure, **kwargs: object) -> l
     >>> float((contract([core, *fs], [f[1] for f in s.factors()], s.mode_names) - t).norm()) < 1e-9
     True
     """
-    tensor = tensor.to(torch.float64)
     unknown = set(kwargs) - {"n_iter_max", "tol", "seed", "init"}
     if unknown:
         raise ValueError(f"decomposition_kwargs has unknown option(s): {sorted(unknown)}")
-    work = _work_tensor(tensor)
+    # float32 / half weights are exact in float32; float64 ones only when their values are
+    work = _work_tensor(tensor) if tensor.dtype == torch.float64 else tensor.to(torch.float32)
     seed = int(kwargs.get("seed", 0))
     tol = float(kwargs.get("tol", 1e-8))
     if structure.format in ("tt", "blocktt"):

@@ -468,7 +468,8 @@ class FactorizedLinear(nn.Module):
         )
         start = time.perf_counter()
         with torch.no_grad():
-            weights = torch.stack([m.weight.detach().to(torch.float64).T for m in linear_list])
+            # in the layers' own dtype: decompose() picks its working precision from it
+            weights = torch.stack([m.weight.detach().T.contiguous() for m in linear_list])
             tensor = weights.reshape(*([n_layers] if n_layers > 1 else []), *in_modes, *out_modes)
             factors = decompose(tensor, layer.structure, **(decomposition_kwargs or {}))
             for param, value in zip(layer.factors, factors, strict=True):
