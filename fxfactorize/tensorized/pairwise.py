@@ -255,7 +255,18 @@ class Contraction(torch.autograd.Function):
         for step in program.steps:  # a result needs a gradient when an operand below it does
             needs.append(needs[step.left.slot] or needs[step.right.slot])
         ctx.program, ctx.needs = program, needs
-        ctx.save_for_backward(*operands, *(m for pair in matrices for m in pair))
+        # keep a step's matrix only where the other side needs a gradient, and only for
+        # intermediate results: an operand's matrix is remade from the operand in backward
+        kept = [
+            matrix
+            for step, pair in zip(program.steps, matrices, strict=True)
+            for side, other, matrix in (
+                (step.left, step.right, pair[0]),
+                (step.right, step.left, pair[1]),
+            )
+            if needs[other.slot] and side.slot >= program.n_operands
+        ]
+        ctx.save_for_backward(*operands, *kept)
         return output
 
     @staticmethod
@@ -263,9 +274,20 @@ class Contraction(torch.autograd.Function):
         program: Program = ctx.program
         needs = ctx.needs
         everything = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
-        operands, saved = everything[: program.n_operands], everything[program.n_operands :]
+        operands, kept = everything[: program.n_operands], iter(everything[program.n_operands :])
         if torch.is_grad_enabled():  # create_graph=True: the saved operands carry their history
             return (None, *_differentiable_backward(program, operands, needs, grad_output))
+        stored = []  # the forward's (left, right) matrices, None where no gradient needs them
+        for step in program.steps:
+            pair = []
+            for side, other in ((step.left, step.right), (step.right, step.left)):
+                if not needs[other.slot]:
+                    pair.append(None)
+                elif side.slot < program.n_operands:
+                    pair.append(_matrix(operands[side.slot], side))
+                else:
+                    pair.append(next(kept))
+            stored.append(pair)
         inverse = tuple(program.output_permutation.index(k) for k in range(grad_output.dim()))
         last = program.n_operands + len(program.steps) - 1
         grads: dict[int, torch.Tensor] = {last: grad_output.permute(inverse)}
@@ -274,8 +296,8 @@ class Contraction(torch.autograd.Function):
             grad = grads.pop(program.n_operands + index, None)
             if grad is None:
                 continue
-            left, right = saved[2 * index], saved[2 * index + 1]
-            nb, rows, cols = left.shape[0], left.shape[1], right.shape[2]
+            left, right = stored[index]
+            nb, rows, cols = step.left.matrix[0], step.left.matrix[1], step.right.matrix[2]
             if step.swapped:
                 grad = grad.reshape(nb, cols, rows).transpose(1, 2)
             else:
