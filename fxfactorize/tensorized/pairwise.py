@@ -65,6 +65,18 @@ class Program:
     n_operands: int
     output_permutation: tuple[int, ...]  # from the last result's order to the requested output
 
+    @functools.cached_property
+    def kernels(self) -> dict[tuple[bool, ...], tuple]:
+        """Generated forward/backward functions, per pattern of operands needing gradients."""
+        return {}
+
+    def kernel(self, needs: tuple[bool, ...]) -> tuple:
+        """``(forward, backward)`` straight-line functions for these operand ``needs``."""
+        found = self.kernels.get(needs)
+        if found is None:
+            found = self.kernels[needs] = _generate(self, needs)
+        return found
+
 
 def _side(
     slot: int,
@@ -169,61 +181,6 @@ def _swap(desired, batch, natural, swapped, rows: int, cols: int) -> bool:
     return cols < min(rows, _SKINNY)
 
 
-def _matrix(tensor: torch.Tensor, side: _Side) -> torch.Tensor:
-    if side.summed:
-        tensor = tensor.sum(side.summed)
-    if not side.identity:
-        tensor = tensor.permute(side.permutation)
-    nb, rows, cols = side.matrix
-    if side.transposed:
-        return tensor.reshape(nb, cols, rows).transpose(1, 2)
-    return tensor.reshape(nb, rows, cols)
-
-
-def _unmatrix(gradient: torch.Tensor, side: _Side) -> torch.Tensor:
-    """Map a ``[batch, rows, cols]`` gradient back to the operand's own layout."""
-    if side.transposed:
-        gradient = gradient.transpose(1, 2)
-    gradient = gradient.reshape(side.permuted_shape)
-    if not side.identity:
-        gradient = gradient.permute(side.inverse)
-    if side.summed:
-        for dim in side.summed:
-            gradient = gradient.unsqueeze(dim)
-        gradient = gradient.expand(side.original)
-    return gradient
-
-
-def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``bmm(a, b)`` (``[B, M, K] @ [B, K, N]``), each shape by its fastest CPU route (measured:
-    oneDNN runs a tall-skinny product 3× faster transposed, and outer products or matrix-vector
-    stacks faster as broadcast multiplies than as a batched GEMM)."""
-    if a.shape[2] == 1:
-        return a * b
-    if b.shape[2] == 1:
-        return (a * b.transpose(1, 2)).sum(2, keepdim=True)
-    if a.shape[1] == 1:
-        return (a.transpose(1, 2) * b).sum(1, keepdim=True)
-    if b.shape[2] < min(a.shape[1], _SKINNY):  # fill the long side along the contiguous rows
-        return torch.bmm(b.transpose(1, 2), a.transpose(1, 2)).transpose(1, 2)
-    return torch.bmm(a, b)
-
-
-def _forward(program: Program, operands: Sequence[torch.Tensor]):
-    slots = list(operands)
-    matrices = []
-    for step in program.steps:
-        left = _matrix(slots[step.left.slot], step.left)
-        right = _matrix(slots[step.right.slot], step.right)
-        matrices.append((left, right))
-        if step.swapped:
-            product = _product(right.transpose(1, 2), left.transpose(1, 2))
-        else:
-            product = _product(left, right)
-        slots.append(product.reshape(step.result_shape))
-    return slots[-1].permute(program.output_permutation), matrices
-
-
 def run(program: Program, operands: Sequence[torch.Tensor]) -> torch.Tensor:
     """Run ``program`` with plain (autograd-recorded) ops.
 
@@ -232,7 +189,8 @@ def run(program: Program, operands: Sequence[torch.Tensor]) -> torch.Tensor:
     >>> torch.allclose(run(p, [a, b]), a @ b)
     True
     """
-    return _forward(program, operands)[0]
+    forward, _ = program.kernel((False,) * program.n_operands)
+    return forward(torch, *operands)[0]
 
 
 class Contraction(torch.autograd.Function):
@@ -250,69 +208,21 @@ class Contraction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, program: Program, *operands: torch.Tensor) -> torch.Tensor:
-        output, matrices = _forward(program, operands)
-        needs = list(ctx.needs_input_grad[1:])
-        for step in program.steps:  # a result needs a gradient when an operand below it does
-            needs.append(needs[step.left.slot] or needs[step.right.slot])
-        ctx.program, ctx.needs = program, needs
-        # keep a step's matrix only where the other side needs a gradient, and only for
-        # intermediate results: an operand's matrix is remade from the operand in backward
-        kept = [
-            matrix
-            for step, pair in zip(program.steps, matrices, strict=True)
-            for side, other, matrix in (
-                (step.left, step.right, pair[0]),
-                (step.right, step.left, pair[1]),
-            )
-            if needs[other.slot] and side.slot >= program.n_operands
-        ]
+        needs = tuple(ctx.needs_input_grad[1:])
+        forward, backward = program.kernel(needs)
+        output, kept = forward(torch, *operands)
+        ctx.program, ctx.needs, ctx.backward = program, needs, backward
         ctx.save_for_backward(*operands, *kept)
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         program: Program = ctx.program
-        needs = ctx.needs
         everything = ctx.saved_tensors  # unpack once: checkpointing allows a single unpack
-        operands, kept = everything[: program.n_operands], iter(everything[program.n_operands :])
+        operands = everything[: program.n_operands]
         if torch.is_grad_enabled():  # create_graph=True: the saved operands carry their history
-            return (None, *_differentiable_backward(program, operands, needs, grad_output))
-        stored = []  # the forward's (left, right) matrices, None where no gradient needs them
-        for step in program.steps:
-            pair = []
-            for side, other in ((step.left, step.right), (step.right, step.left)):
-                if not needs[other.slot]:
-                    pair.append(None)
-                elif side.slot < program.n_operands:
-                    pair.append(_matrix(operands[side.slot], side))
-                else:
-                    pair.append(next(kept))
-            stored.append(pair)
-        inverse = tuple(program.output_permutation.index(k) for k in range(grad_output.dim()))
-        last = program.n_operands + len(program.steps) - 1
-        grads: dict[int, torch.Tensor] = {last: grad_output.permute(inverse)}
-        for index in range(len(program.steps) - 1, -1, -1):
-            step = program.steps[index]
-            grad = grads.pop(program.n_operands + index, None)
-            if grad is None:
-                continue
-            left, right = stored[index]
-            nb, rows, cols = step.left.matrix[0], step.left.matrix[1], step.right.matrix[2]
-            if step.swapped:
-                grad = grad.reshape(nb, cols, rows).transpose(1, 2)
-            else:
-                grad = grad.reshape(nb, rows, cols)
-            if needs[step.left.slot]:
-                _accumulate(grads, step.left, _product(grad, right.transpose(1, 2)))
-            if needs[step.right.slot]:
-                _accumulate(grads, step.right, _product(left.transpose(1, 2), grad))
-        return (None, *(grads.get(k) for k in range(program.n_operands)))
-
-
-def _accumulate(grads: dict[int, torch.Tensor], side: _Side, gradient: torch.Tensor) -> None:
-    value = _unmatrix(gradient, side)
-    previous = grads.get(side.slot)
-    grads[side.slot] = value if previous is None else previous + value
+            return (None, *_differentiable_backward(program, operands, ctx.needs, grad_output))
+        return (None, *ctx.backward(torch, grad_output, *everything))
 
 
 def _differentiable_backward(
@@ -322,3 +232,122 @@ def _differentiable_backward(
     output = run(program, operands)
     grads = iter(torch.autograd.grad(output, inputs, grad_output, create_graph=True))
     return [next(grads) if need else None for need in needs[: program.n_operands]]
+
+
+# -- code generation ---------------------------------------------------------------------------
+# Each program becomes two straight-line Python functions (forward, backward) with every shape,
+# permutation and product route fixed as constants: at 256×256 layers the interpreter loop over
+# steps, dataclass lookups and shape tests cost as much as the arithmetic.
+
+
+def _matrix_source(name: str, side: _Side) -> str:
+    expr = name
+    if side.summed:
+        expr += f".sum({side.summed})"
+    if not side.identity:
+        expr += f".permute({side.permutation!r})"
+    nb, rows, cols = side.matrix
+    if side.transposed:
+        return expr + f".reshape({nb}, {cols}, {rows}).transpose(1, 2)"
+    return expr + f".reshape({nb}, {rows}, {cols})"
+
+
+def _unmatrix_source(expr: str, side: _Side) -> str:
+    if side.transposed:
+        expr += ".transpose(1, 2)"
+    expr += f".reshape({side.permuted_shape!r})"
+    if not side.identity:
+        expr += f".permute({side.inverse!r})"
+    if side.summed:
+        for dim in side.summed:
+            expr += f".unsqueeze({dim})"
+        expr += f".expand({side.original!r})"
+    return expr
+
+
+def _product_source(a: str, b: str, m: int, k: int, n: int) -> str:
+    """``bmm(a, b)`` for ``a [B, m, k]``, ``b [B, k, n]`` by its fastest CPU route (measured:
+    oneDNN runs a tall-skinny product 3× faster transposed, and outer products or matrix-vector
+    stacks faster as broadcast multiplies than as a batched GEMM)."""
+    if k == 1:
+        return f"({a} * {b})"
+    if n == 1:
+        return f"({a} * {b}.transpose(1, 2)).sum(2, keepdim=True)"
+    if m == 1:
+        return f"({a}.transpose(1, 2) * {b}).sum(1, keepdim=True)"
+    if n < min(m, _SKINNY):  # fill the long side of the output along its contiguous rows
+        return f"torch.bmm({b}.transpose(1, 2), {a}.transpose(1, 2)).transpose(1, 2)"
+    return f"torch.bmm({a}, {b})"
+
+
+def _needs_of(program: Program, needs: tuple[bool, ...]) -> list[bool]:
+    """Per slot: whether a gradient flows to it (a result does when an operand below it does)."""
+    every = list(needs)
+    for step in program.steps:
+        every.append(every[step.left.slot] or every[step.right.slot])
+    return every
+
+
+def _generate(program: Program, needs: tuple[bool, ...]) -> tuple:
+    every = _needs_of(program, needs)
+    n = program.n_operands
+    slots = ", ".join(f"s{k}" for k in range(n))
+    forward = [f"def forward(torch, {slots}):"]
+    kept: list[str] = []  # matrices of intermediate results the backward needs
+    for index, step in enumerate(program.steps):
+        nb, m, k = step.left.matrix
+        cols = step.right.matrix[2]
+        forward.append(f"    l{index} = {_matrix_source(f's{step.left.slot}', step.left)}")
+        forward.append(f"    r{index} = {_matrix_source(f's{step.right.slot}', step.right)}")
+        if step.swapped:
+            a, b, shape = f"r{index}.transpose(1, 2)", f"l{index}.transpose(1, 2)", (cols, k, m)
+        else:
+            a, b, shape = f"l{index}", f"r{index}", (m, k, cols)
+        product = _product_source(a, b, *shape)
+        forward.append(f"    s{n + index} = {product}.reshape({step.result_shape!r})")
+        for side, other, name in ((step.left, step.right, "l"), (step.right, step.left, "r")):
+            if every[other.slot] and side.slot >= n:
+                kept.append(f"{name}{index}")
+    last = n + len(program.steps) - 1
+    output = f"s{last}"
+    if program.output_permutation != tuple(range(len(program.output_permutation))):
+        output += f".permute({program.output_permutation!r})"
+    forward.append(f"    return {output}, [{', '.join(kept)}]")
+
+    saved = ", ".join([f"s{k}" for k in range(n)] + kept)
+    backward = [f"def backward(torch, grad_output, {saved}):"]
+    inverse = tuple(
+        program.output_permutation.index(k) for k in range(len(program.output_permutation))
+    )
+    grad = "grad_output" + (
+        f".permute({inverse!r})" if inverse != tuple(range(len(inverse))) else ""
+    )
+    backward.append(f"    g{last} = {grad}")
+    for index in range(len(program.steps) - 1, -1, -1):
+        step = program.steps[index]
+        if not every[n + index]:
+            continue
+        nb, m, k = step.left.matrix
+        cols = step.right.matrix[2]
+        if step.swapped:
+            backward.append(f"    gm = g{n + index}.reshape({nb}, {cols}, {m}).transpose(1, 2)")
+        else:
+            backward.append(f"    gm = g{n + index}.reshape({nb}, {m}, {cols})")
+        for side, other, name in ((step.left, step.right, "l"), (step.right, step.left, "r")):
+            if not every[side.slot]:
+                continue
+            other_name = f"{'r' if name == 'l' else 'l'}{index}"
+            if other.slot < n:  # an operand's matrix is remade rather than saved
+                backward.append(f"    {other_name} = {_matrix_source(f's{other.slot}', other)}")
+            if name == "l":  # d left [nb, m, k] = gm [nb, m, cols] @ right^T [nb, cols, k]
+                product = _product_source("gm", f"{other_name}.transpose(1, 2)", m, cols, k)
+            else:  # d right [nb, k, cols] = left^T [nb, k, m] @ gm [nb, m, cols]
+                product = _product_source(f"{other_name}.transpose(1, 2)", "gm", k, m, cols)
+            backward.append(f"    g{side.slot} = {_unmatrix_source(product, side)}")
+    grads = ", ".join(f"g{k}" if needs[k] else "None" for k in range(n))
+    backward.append(f"    return ({grads},)")
+    namespace: dict = {}
+    exec(
+        compile("\n".join(forward + backward), f"<contraction {id(program):x}>", "exec"), namespace
+    )
+    return namespace["forward"], namespace["backward"]
