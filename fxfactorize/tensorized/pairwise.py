@@ -169,16 +169,20 @@ def compile_plan(
 
 def _swap(desired, batch, natural, swapped, rows: int, cols: int) -> bool:
     """Whether a step stores its result ``[batch, right kept, left kept]``: when that is the order
-    its consumer wants, else when it starts like that order, else for a skinny product."""
+    its consumer wants; else the orientation whose product needs no transposing copy (the consumer
+    copies anyway); else the one that starts like the wanted order."""
     for candidate, is_swapped in ((natural, False), (swapped, True)):
         if tuple(candidate) == desired:
             return is_swapped
+    natural_copies = cols < min(rows, _SKINNY)  # see _product_source
+    if natural_copies != (rows < min(cols, _SKINNY)):
+        return natural_copies
     head = len(batch)
     if head < len(desired):
         for candidate, is_swapped in ((natural, False), (swapped, True)):
             if candidate[head] == desired[head]:
                 return is_swapped
-    return cols < min(rows, _SKINNY)
+    return natural_copies
 
 
 def run(program: Program, operands: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -240,6 +244,12 @@ def _differentiable_backward(
 # steps, dataclass lookups and shape tests cost as much as the arithmetic.
 
 
+def _t(expr: str) -> str:
+    """``expr`` with its last two dimensions swapped (cancelling a trailing swap)."""
+    suffix = ".transpose(1, 2)"
+    return expr[: -len(suffix)] if expr.endswith(suffix) else expr + suffix
+
+
 def _matrix_source(name: str, side: _Side) -> str:
     expr = name
     if side.summed:
@@ -272,11 +282,11 @@ def _product_source(a: str, b: str, m: int, k: int, n: int) -> str:
     if k == 1:
         return f"({a} * {b})"
     if n == 1:
-        return f"({a} * {b}.transpose(1, 2)).sum(2, keepdim=True)"
+        return f"({a} * {_t(b)}).sum(2, keepdim=True)"
     if m == 1:
-        return f"({a}.transpose(1, 2) * {b}).sum(1, keepdim=True)"
+        return f"({_t(a)} * {b}).sum(1, keepdim=True)"
     if n < min(m, _SKINNY):  # fill the long side of the output along its contiguous rows
-        return f"torch.bmm({b}.transpose(1, 2), {a}.transpose(1, 2)).transpose(1, 2)"
+        return f"torch.bmm({_t(b)}, {_t(a)}).transpose(1, 2)"
     return f"torch.bmm({a}, {b})"
 
 
@@ -300,7 +310,7 @@ def _generate(program: Program, needs: tuple[bool, ...]) -> tuple:
         forward.append(f"    l{index} = {_matrix_source(f's{step.left.slot}', step.left)}")
         forward.append(f"    r{index} = {_matrix_source(f's{step.right.slot}', step.right)}")
         if step.swapped:
-            a, b, shape = f"r{index}.transpose(1, 2)", f"l{index}.transpose(1, 2)", (cols, k, m)
+            a, b, shape = _t(f"r{index}"), _t(f"l{index}"), (cols, k, m)
         else:
             a, b, shape = f"l{index}", f"r{index}", (m, k, cols)
         product = _product_source(a, b, *shape)
@@ -340,9 +350,9 @@ def _generate(program: Program, needs: tuple[bool, ...]) -> tuple:
             if other.slot < n:  # an operand's matrix is remade rather than saved
                 backward.append(f"    {other_name} = {_matrix_source(f's{other.slot}', other)}")
             if name == "l":  # d left [nb, m, k] = gm [nb, m, cols] @ right^T [nb, cols, k]
-                product = _product_source("gm", f"{other_name}.transpose(1, 2)", m, cols, k)
+                product = _product_source("gm", _t(other_name), m, cols, k)
             else:  # d right [nb, k, cols] = left^T [nb, k, m] @ gm [nb, m, cols]
-                product = _product_source(f"{other_name}.transpose(1, 2)", "gm", k, m, cols)
+                product = _product_source(_t(other_name), "gm", k, m, cols)
             backward.append(f"    g{side.slot} = {_unmatrix_source(product, side)}")
     grads = ", ".join(f"g{k}" if needs[k] else "None" for k in range(n))
     backward.append(f"    return ({grads},)")
