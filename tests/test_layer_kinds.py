@@ -4,6 +4,8 @@ leaf-module policy, and the regions machinery on small models."""
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import fx, nn
 
 import fxfactorize as ff
@@ -214,11 +216,79 @@ def test_functional_result_saves_and_loads(tmp_path):
             torch.testing.assert_close(got, expected)
 
 
-def test_calibration_with_conv1d_solves_it_data_free_and_the_rest_on_data():
-    conv = nn.Conv1d(64, 64, 3, padding=1)
-    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(64 * 8, 64))
-    batches = [torch.randn(4, 64, 8) for _ in range(3)]
-    options = {"min_channels": 16, "latent_channels": 8, "min_features": 32, "latent_features": 8}
-    gm = ff.transform(model, batches[0], calibration=batches, progress=False, **options)
-    sources = {r.op: r.nmse_source for r in gm.meta["fxfactorize"].factorized}
-    assert sources == {"Conv1d": "weights", "Linear": "calibration"}
+@pytest.mark.parametrize(
+    ("conv", "shape"),
+    [
+        (nn.Conv1d(16, 24, 5, stride=2, padding=2, padding_mode="reflect"), (3, 16, 40)),
+        (nn.Conv3d(8, 24, 3, padding="same", dilation=(1, 2, 1)), (2, 8, 5, 8, 6)),
+    ],
+)
+def test_calibrated_conv1d_and_conv3d_report_the_exact_nmse_on_their_data(conv, shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(conv, nn.Tanh())
+    gen = torch.Generator().manual_seed(1)
+    basis = torch.randn(shape[1], 3, generator=gen)  # channels correlated: a 3-d subspace
+    batches = [
+        torch.einsum("cs,ns...->nc...", basis, torch.randn(shape[0], 3, *shape[2:], generator=gen))
+        for _ in range(3)
+    ]
+    options = {"min_channels": 4, "latent_channels": 4}
+    aware = ff.transform(model, batches[0], calibration=batches, progress=False, **options)
+    free = ff.transform(model, batches[0], progress=False, **options)
+    (record,) = aware.meta["fxfactorize"].factorized
+    assert record.nmse_source == "calibration"
+    x = torch.cat(batches)
+    with torch.no_grad():
+        y, y_aware, y_free = conv(x), aware.get_submodule("0")(x), free.get_submodule("0")(x)
+    measured = float(((y - y_aware) ** 2).mean() / y.var())
+    assert record.nmse == pytest.approx(measured, rel=1e-3, abs=1e-9)  # moments match the conv
+    # the optimum on these inputs, so below the data-free solution's error on them
+    assert float((y - y_aware).pow(2).mean()) < 0.95 * float((y - y_free).pow(2).mean())
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    st.sampled_from([1, 3]),
+    st.integers(1, 3),
+    st.integers(1, 2),
+    st.integers(1, 2),
+    st.sampled_from([0, 1, "same", "valid"]),
+    st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+)
+def test_patch_rows_are_the_matrix_view_of_1d_and_3d_convs(
+    dims, kernel, stride, dilation, padding, padding_mode
+):
+    from fxfactorize.core.patches import conv_patch_rows
+
+    if padding == "same":
+        stride = 1  # torch allows "same" only with stride 1
+    conv_class = nn.Conv1d if dims == 1 else nn.Conv3d
+    conv = conv_class(
+        3,
+        5,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        padding_mode=padding_mode,
+        bias=False,
+    )
+    x = torch.randn(2, 3, *([7] * dims), dtype=torch.float64)
+    conv = conv.double()
+    with torch.no_grad():
+        y = conv(x)
+    rows = torch.cat(
+        list(
+            conv_patch_rows(
+                x,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                padding_mode=padding_mode,
+                max_rows=5,
+            )
+        )
+    )
+    expected = y.movedim(1, -1).reshape(-1, 5)
+    torch.testing.assert_close(rows @ conv.weight.detach().reshape(5, -1).T, expected)

@@ -9,6 +9,7 @@ whatever the number of batches; the statistics are sums, so results of several r
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -20,7 +21,7 @@ from fxfactorize.core.composer_api import accumulate_rows
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.patches import conv_patch_rows
 from fxfactorize.errors import CalibrationError
-from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedLinear
+from fxfactorize.modules.factorized import FactorizedConvNd, FactorizedLinear
 from fxfactorize.passes.shapes import evaluation_mode, normalize_inputs
 
 __all__ = ["MomentCollector", "calibrate"]
@@ -40,15 +41,17 @@ def _layer_geometry(module: nn.Module) -> tuple[str, int, int]:
     """``(kind, in_features, groups)`` of a supported layer; ``TypeError`` for anything else."""
     if isinstance(module, (nn.Linear, FactorizedLinear)):
         return "linear", module.in_features, 1
-    if isinstance(module, FactorizedConv2d):
-        return "conv2d", module.in_channels, module.groups
-    if isinstance(module, nn.Conv2d):
-        return "conv2d", module.in_channels, module.groups
-    raise TypeError(f"cannot calibrate a {type(module).__name__}; only Linear and Conv2d layers")
+    if isinstance(module, FactorizedConvNd):
+        return f"conv{module.dims}d", module.in_channels, module.groups
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return f"conv{module.weight.dim() - 2}d", module.in_channels, module.groups
+    raise TypeError(
+        f"cannot calibrate a {type(module).__name__}; only Linear and Conv1d/2d/3d layers"
+    )
 
 
 def _conv_geometry(module: nn.Module) -> dict[str, Any]:
-    conv = module.module0 if isinstance(module, FactorizedConv2d) else module
+    conv = module.module0 if isinstance(module, FactorizedConvNd) else module
     return {
         "stride": conv.stride,
         "padding": conv.padding,
@@ -84,7 +87,7 @@ class MomentCollector(fx.Interpreter):
             chunks = [x.reshape(-1, in_features)]
         else:
             kernel = tuple(module.kernel_size)
-            dim *= kernel[0] * kernel[1]
+            dim *= math.prod(kernel)
             chunks = conv_patch_rows(x, kernel, **_conv_geometry(module))
         if target not in self.moments:
             self.moments[target] = InputMoments.zeros(dim, groups, device=x.device)
@@ -106,7 +109,7 @@ def calibrate(
     *,
     progress: bool = True,
 ) -> dict[str, InputMoments]:
-    """Input statistics of the Linear/Conv2d submodules ``targets`` of ``gm`` over ``batches``.
+    """Input statistics of the Linear/Conv1d/2d/3d submodules ``targets`` of ``gm`` over ``batches``.
 
     Args:
         gm: a traced model (not changed; run in eval mode under ``torch.no_grad``).

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.errors import CalibrationError, TraceError
-from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedLinear
+from fxfactorize.modules.factorized import FactorizedConvNd, FactorizedLinear
 from fxfactorize.optimizers import update_optimizers
 from fxfactorize.passes.calibrate import MomentCollector, calibration_batches
 from fxfactorize.passes.cost import annotate_costs
@@ -304,16 +304,17 @@ def plan_regions(model: nn.Module, example_inputs: Any, config: FactorizeConfig)
 
 
 def calibratable_targets(gm: fx.GraphModule, targets: Iterable[str]) -> list[str]:
-    """The ``targets`` the calibration pass takes (Linear, Conv2d); the rest are solved data-free.
+    """The ``targets`` the calibration pass takes (Linear, Conv1d/2d/3d); the rest (for example
+    tensorized Linears) are solved data-free.
 
     >>> from fxfactorize.passes.cost import annotate_costs
     >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(512, 512), nn.Unflatten(1, (512, 1)),
     ...                                      nn.Conv1d(512, 512, 1)))
     >>> p = plan_graph(annotate_costs(propagate_shapes(gm, torch.ones(2, 512))), FactorizeConfig())
     >>> calibratable_targets(gm, [r.target for r in p.factorized])
-    ['0']
+    ['0', '2']
     """
-    kinds = (nn.Linear, nn.Conv2d, FactorizedLinear, FactorizedConv2d)
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, FactorizedLinear, FactorizedConvNd)
     return [target for target in targets if isinstance(gm.get_submodule(target), kinds)]
 
 
