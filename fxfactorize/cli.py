@@ -256,6 +256,14 @@ def _add_model_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         default=default(None),
         help="torch CPU threads (default: torch's own choice)",
     )
+    group.add_argument(
+        "--calibration",
+        default=default(None),
+        metavar="FILE",
+        help="calibration inputs saved with torch.save: one tensor (split into batches of the "
+        "example's batch size) or a list of batches (tensors, tuples or dicts); transform, bench "
+        "and the main job then solve the layers on them (default: data-free)",
+    )
 
 
 def _add_bench_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -337,6 +345,7 @@ class _Run:
     model: nn.Module
     example: torch.Tensor
     config: Any
+    calibration: list | None = None
 
 
 def _prepare(args: argparse.Namespace) -> _Run:
@@ -363,7 +372,38 @@ def _prepare(args: argparse.Namespace) -> _Run:
     torch.manual_seed(args.seed)
     model = build_model(args.model)
     example = torch.randn(shape)
-    return _Run(args.model, model, example, config)
+    calibration = load_calibration(args.calibration, shape[0]) if args.calibration else None
+    return _Run(args.model, model, example, config, calibration)
+
+
+def load_calibration(path: str, batch_size: int) -> list:
+    """Calibration batches from a ``torch.save`` file (loaded with ``weights_only=True``).
+
+    A tensor is split along its first dimension into batches of ``batch_size``; a list or tuple
+    is taken as the batches themselves.
+
+    >>> import tempfile, os
+    >>> file = os.path.join(tempfile.mkdtemp(), "calibration.pt")
+    >>> torch.save(torch.randn(10, 3), file)
+    >>> [tuple(b.shape) for b in load_calibration(file, 4)]
+    [(4, 3), (4, 3), (2, 3)]
+    """
+    try:
+        data = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"--calibration: no such file: {path!r}") from None
+    except Exception as error:  # unpickling refused or a corrupt file: say which, in one line
+        raise UsageError(f"--calibration: cannot load {path!r}: {error}") from None
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise UsageError(f"--calibration: the tensor in {path!r} has no rows to batch")
+        return list(data.split(batch_size))
+    if isinstance(data, (list, tuple)) and data:
+        return list(data)
+    raise UsageError(
+        f"--calibration: {path!r} must hold a tensor or a non-empty list of batches; "
+        f"got {type(data).__name__}"
+    )
 
 
 def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
@@ -429,7 +469,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import fxfactorize as ff
 
     run = _prepare(args)
-    gm = ff.transform(run.model, run.example, config=run.config)
+    gm = ff.transform(run.model, run.example, config=run.config, calibration=run.calibration)
     times = measure_latency(
         {"original": run.model, "transformed": gm}, run.example, args.repeats, args.warmup
     )
@@ -459,7 +499,7 @@ def _cmd_transform(args: argparse.Namespace, *, full_job: bool = False) -> int:
         text.append(str(the_plan))
         document["plan"] = the_plan.to_dict()
     started = time.perf_counter()
-    gm = ff.transform(run.model, run.example, config=run.config)
+    gm = ff.transform(run.model, run.example, config=run.config, calibration=run.calibration)
     report = gm.meta["fxfactorize"]
     text.append(str(report))
     document["report"] = report.to_dict()

@@ -83,6 +83,31 @@ def test_transform_saves_and_report_reads_it_back(capsys, tmp_path: Path) -> Non
     assert code == 0 and json.loads(out)["report"]["kind"] == "report"
 
 
+def test_transform_solves_on_calibration_inputs_from_a_file(capsys, tmp_path: Path) -> None:
+    import torch
+
+    torch.save(torch.randn(6, 64, 4, 4), tmp_path / "inputs.pt")
+    out_dir = tmp_path / "out"
+    argv = [*SMALL, "--calibration", str(tmp_path / "inputs.pt"), "--out", str(out_dir), "--json"]
+    code, out, _ = run(capsys, "transform", *argv)
+    assert code == 0
+    sources = {row["nmse_source"] for row in json.loads(out)["report"]["layers"] if row["rank"]}
+    assert sources == {"calibration"}
+    code, out, _ = run(capsys, "transform", *SMALL, "--out", str(tmp_path / "free"), "--json")
+    sources = {row["nmse_source"] for row in json.loads(out)["report"]["layers"] if row["rank"]}
+    assert code == 0 and sources == {"weights"}
+
+
+def test_bad_calibration_files_are_usage_errors(capsys, tmp_path: Path) -> None:
+    import torch
+
+    code, _, err = run(capsys, "bench", *SMALL, "--calibration", str(tmp_path / "missing.pt"))
+    assert code == 2 and "--calibration: no such file" in err
+    torch.save({"not": "batches"}, tmp_path / "dict.pt")
+    code, _, err = run(capsys, "bench", *SMALL, "--calibration", str(tmp_path / "dict.pt"))
+    assert code == 2 and "must hold a tensor or a non-empty list" in err
+
+
 def test_bench_reports_both_latencies(capsys) -> None:
     code, out, _ = run(capsys, "bench", *SMALL, "--repeats", "2", "--warmup", "0", "--json")
     assert code == 0
