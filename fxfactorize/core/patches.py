@@ -27,11 +27,6 @@ _PAD_MODES = {
 }
 
 
-def _pair(value: Any) -> tuple[int, int]:
-    first, second = _ntuple(value, 2)
-    return (first, second)
-
-
 def _ntuple(value: Any, n: int) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,) * n
@@ -41,52 +36,13 @@ def _ntuple(value: Any, n: int) -> tuple[int, ...]:
     return values
 
 
-def _padding_3d(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> list[int]:
-    """``F.pad`` amounts (last dim first) of a 3-d conv's padding; ``"same"`` puts the odd
-    element after, as torch does."""
-    if padding == "valid":
-        return [0] * 6
-    if padding == "same":
-        amounts: list[int] = []
-        for k, d in zip(reversed(kernel), reversed(dilation), strict=True):
-            total = d * (k - 1)
-            amounts += [total // 2, total - total // 2]
-        return amounts
-    return [p for p in reversed(_ntuple(padding, 3)) for _ in range(2)]
-
-
-def _patch_rows_3d(
-    x: torch.Tensor,
-    kernel_size: Any,
-    stride: Any,
-    padding: Any,
-    dilation: Any,
-    padding_mode: str,
-    max_rows: int,
-) -> Iterator[torch.Tensor]:
-    kernel, step, dil = _ntuple(kernel_size, 3), _ntuple(stride, 3), _ntuple(dilation, 3)
-    pad = _padding_3d(padding, kernel, dil)
-    spans = [d * (k - 1) + 1 for k, d in zip(kernel, dil, strict=True)]
-    padded = [x.shape[2 + a] + pad[4 - 2 * a] + pad[5 - 2 * a] for a in range(3)]
-    outputs = [(n - span) // s + 1 for n, span, s in zip(padded, spans, step, strict=True)]
-    images = max(1, max_rows // max(math.prod(outputs), 1))
-    for start in range(0, x.shape[0], images):
-        chunk = x[start : start + images]
-        if any(pad):
-            chunk = F.pad(chunk, pad, mode=_PAD_MODES[padding_mode])
-        for axis in range(3):  # windows of each spatial dim, appended as trailing dims
-            chunk = chunk.unfold(2 + axis, spans[axis], step[axis])
-        chunk = chunk[..., :: dil[0], :: dil[1], :: dil[2]]  # [n, C, oD, oH, oW, kd, kh, kw]
-        yield chunk.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, x.shape[1] * math.prod(kernel))
-
-
 def conv_padding(
-    padding: Any, kernel_size: tuple[int, int], dilation: tuple[int, int]
-) -> tuple[int, int, int, int]:
-    """``(left, right, top, bottom)`` padding of a conv, as ``torch.nn.functional.pad`` takes it.
+    padding: Any, kernel_size: tuple[int, ...], dilation: tuple[int, ...]
+) -> tuple[int, ...]:
+    """A conv's padding as ``torch.nn.functional.pad`` takes it: ``(before, after)`` per spatial
+    dim, last dim first (``(left, right, top, bottom)`` for a 2-d conv).
 
-    ``padding`` is an int, a pair, ``"valid"`` or ``"same"`` (torch puts the odd pixel on the
-    right/bottom).
+    ``padding`` is an int, a tuple, ``"valid"`` or ``"same"`` (torch puts the odd element after).
 
     >>> conv_padding("same", (4, 3), (1, 2))
     (2, 2, 1, 2)
@@ -94,15 +50,11 @@ def conv_padding(
     (1, 1, 1, 1)
     """
     if padding == "valid":
-        return (0, 0, 0, 0)
+        return (0,) * (2 * len(kernel_size))
     if padding == "same":
-        sizes = []
-        for k, d in ((kernel_size[1], dilation[1]), (kernel_size[0], dilation[0])):
-            total = d * (k - 1)
-            sizes += [total // 2, total - total // 2]
-        return tuple(sizes)  # type: ignore[return-value]
-    ph, pw = _pair(padding)
-    return (pw, pw, ph, ph)
+        totals = [d * (k - 1) for k, d in zip(kernel_size, dilation, strict=True)]
+        return tuple(amount for t in reversed(totals) for amount in (t // 2, t - t // 2))
+    return tuple(p for p in reversed(_ntuple(padding, len(kernel_size))) for _ in range(2))
 
 
 def conv_patch_rows(
@@ -136,29 +88,22 @@ def conv_patch_rows(
         )
     if padding_mode not in _PAD_MODES:
         raise ValueError(f"padding_mode must be one of {sorted(_PAD_MODES)}; got {padding_mode!r}")
-    geometry = {"padding_mode": padding_mode, "max_rows": max_rows}
-    if x.dim() == 3:  # a 1-d conv is a 2-d conv over images of height 1
-        yield from conv_patch_rows(
-            x.unsqueeze(2),
-            (1, *_ntuple(kernel_size, 1)),
-            stride=(1, *_ntuple(stride, 1)),
-            padding=padding if isinstance(padding, str) else (0, *_ntuple(padding, 1)),
-            dilation=(1, *_ntuple(dilation, 1)),
-            **geometry,
-        )
-        return
-    if x.dim() == 5:
-        yield from _patch_rows_3d(x, kernel_size, stride, padding, dilation, **geometry)
-        return
-    kernel, dil, step = _pair(kernel_size), _pair(dilation), _pair(stride)
+    dims = x.dim() - 2
+    kernel, step, dil = _ntuple(kernel_size, dims), _ntuple(stride, dims), _ntuple(dilation, dims)
     pad = conv_padding(padding, kernel, dil)
-    out_h = (x.shape[2] + pad[2] + pad[3] - dil[0] * (kernel[0] - 1) - 1) // step[0] + 1
-    out_w = (x.shape[3] + pad[0] + pad[1] - dil[1] * (kernel[1] - 1) - 1) // step[1] + 1
-    per_image = max(out_h * out_w, 1)
-    images = max(1, max_rows // per_image)
+    spans = [d * (k - 1) + 1 for k, d in zip(kernel, dil, strict=True)]
+    padded = [
+        x.shape[2 + a] + pad[2 * (dims - 1 - a)] + pad[2 * (dims - 1 - a) + 1] for a in range(dims)
+    ]
+    outputs = [(n - span) // s + 1 for n, span, s in zip(padded, spans, step, strict=True)]
+    images = max(1, max_rows // max(math.prod(outputs), 1))
+    # [n, C, *outputs, *kernel] -> rows [n·prod(outputs), C·prod(kernel)]
+    order = (0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
     for start in range(0, x.shape[0], images):
         chunk = x[start : start + images]
         if any(pad):
             chunk = F.pad(chunk, pad, mode=_PAD_MODES[padding_mode])
-        cols = F.unfold(chunk, kernel, dilation=dil, stride=step)  # [n, C·kh·kw, L]
-        yield cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        for axis in range(dims):  # the windows of each spatial dim, appended as trailing dims
+            chunk = chunk.unfold(2 + axis, spans[axis], step[axis])
+        chunk = chunk[(..., *(slice(None, None, d) for d in dil))]
+        yield chunk.permute(order).reshape(-1, x.shape[1] * math.prod(kernel))
