@@ -166,6 +166,7 @@ def _einsums(plan: ContractionPlan, operands, terms: tuple, output: tuple) -> to
 
 
 _compiler = getattr(torch, "compiler", None)
+# torch.compiler.is_compiling exists from torch 2.3; bound once, it is a cheap call per forward
 _is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)
 
 

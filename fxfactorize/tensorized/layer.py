@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fxfactorize.tensorized.contract import ContractionPlan, cheapest_order, contract
+from fxfactorize.tensorized.contract import (
+    ContractionPlan,
+    _is_compiling,
+    cheapest_order,
+    contract,
+)
 from fxfactorize.tensorized.decompose import decompose
 from fxfactorize.tensorized.ranks import resolve_ranks
 from fxfactorize.tensorized.structure import Structure, normalize_factorization
@@ -115,11 +120,6 @@ def forward_macs(structure: Structure, batch: int, implementation: str = "auto")
         return factorized.macs
     dense = batch * math.prod(structure.in_modes) * math.prod(structure.out_modes)
     return reconstructed.macs + dense
-
-
-_compiler = getattr(torch, "compiler", None)
-# torch.compiler.is_compiling exists from torch 2.3; bound once, it is a cheap call per forward
-_is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)
 
 
 class FactorizedLinear(nn.Module):
@@ -280,11 +280,10 @@ class FactorizedLinear(nn.Module):
         """
         indices = self._check_index(indices)
         tensors, terms = self._terms(indices)
-        names = [m for m in self.structure.mode_names if m != "l"]
-        outs = [m for m in names if m.startswith("o")]
-        ins = [m for m in names if m.startswith("i")]
-        full = contract(tensors, terms, (*outs, *ins), plan_forward(self.structure, 1)[1])
-        return full.reshape(self.out_features, self.in_features)
+        plan = plan_forward(self.structure, 1)[1]  # output (*out modes, *in modes)
+        return contract(tensors, terms, plan.output, plan).reshape(
+            self.out_features, self.in_features
+        )
 
     def _bias(self, indices: int) -> torch.Tensor | None:
         if self.bias is None:

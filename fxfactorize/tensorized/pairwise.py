@@ -35,18 +35,9 @@ class _Side:
     matrix: tuple[int, int, int]  # [batch, rows, cols] as the product consumes it
     original: tuple[int, ...]  # the operand's shape before the sum
 
-    # derived once here: the forward and backward of tiny layers are bound by per-call overhead
-    @functools.cached_property
-    def identity(self) -> bool:
-        return self.permutation == tuple(range(len(self.permutation)))
-
-    @functools.cached_property
+    @property
     def permuted_shape(self) -> tuple[int, ...]:
         return tuple(self.shape[k] for k in self.permutation)
-
-    @functools.cached_property
-    def inverse(self) -> tuple[int, ...]:
-        return tuple(self.permutation.index(k) for k in range(len(self.permutation)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +45,7 @@ class _Step:
     left: _Side
     right: _Side
     result_shape: tuple[int, ...]
-    swapped: bool  # the result is stored [batch, right kept, left kept]: see _product
+    swapped: bool  # the result is stored [batch, right kept, left kept]: see _swap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,18 +221,34 @@ class Contraction(torch.autograd.Function):
 
 
 def _differentiable_backward(
-    program: Program, operands: Sequence[torch.Tensor], needs: list[bool], grad_output: torch.Tensor
+    program: Program,
+    operands: Sequence[torch.Tensor],
+    needs: tuple[bool, ...],
+    grad_output: torch.Tensor,
 ) -> list[torch.Tensor | None]:
-    inputs = [t for t, need in zip(operands, needs, strict=False) if need]
+    inputs = [t for t, need in zip(operands, needs, strict=True) if need]
     output = run(program, operands)
     grads = iter(torch.autograd.grad(output, inputs, grad_output, create_graph=True))
-    return [next(grads) if need else None for need in needs[: program.n_operands]]
+    return [next(grads) if need else None for need in needs]
 
 
 # -- code generation ---------------------------------------------------------------------------
 # Each program becomes two straight-line Python functions (forward, backward) with every shape,
 # permutation and product route fixed as constants: at 256×256 layers the interpreter loop over
 # steps, dataclass lookups and shape tests cost as much as the arithmetic.
+
+
+def _is_identity(permutation: tuple[int, ...]) -> bool:
+    return permutation == tuple(range(len(permutation)))
+
+
+def _inverse(permutation: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(permutation.index(k) for k in range(len(permutation)))
+
+
+def _permute_source(expr: str, permutation: tuple[int, ...]) -> str:
+    """``expr`` permuted (nothing to write for the identity)."""
+    return expr if _is_identity(permutation) else f"{expr}.permute({permutation!r})"
 
 
 def _t(expr: str) -> str:
@@ -254,8 +261,7 @@ def _matrix_source(name: str, side: _Side) -> str:
     expr = name
     if side.summed:
         expr += f".sum({side.summed})"
-    if not side.identity:
-        expr += f".permute({side.permutation!r})"
+    expr = _permute_source(expr, side.permutation)
     nb, rows, cols = side.matrix
     if side.transposed:
         return expr + f".reshape({nb}, {cols}, {rows}).transpose(1, 2)"
@@ -265,9 +271,7 @@ def _matrix_source(name: str, side: _Side) -> str:
 def _unmatrix_source(expr: str, side: _Side) -> str:
     if side.transposed:
         expr += ".transpose(1, 2)"
-    expr += f".reshape({side.permuted_shape!r})"
-    if not side.identity:
-        expr += f".permute({side.inverse!r})"
+    expr = _permute_source(f"{expr}.reshape({side.permuted_shape!r})", _inverse(side.permutation))
     if side.summed:
         for dim in side.summed:
             expr += f".unsqueeze({dim})"
@@ -319,19 +323,12 @@ def _generate(program: Program, needs: tuple[bool, ...]) -> tuple:
             if every[other.slot] and side.slot >= n:
                 kept.append(f"{name}{index}")
     last = n + len(program.steps) - 1
-    output = f"s{last}"
-    if program.output_permutation != tuple(range(len(program.output_permutation))):
-        output += f".permute({program.output_permutation!r})"
+    output = _permute_source(f"s{last}", program.output_permutation)
     forward.append(f"    return {output}, [{', '.join(kept)}]")
 
     saved = ", ".join([f"s{k}" for k in range(n)] + kept)
     backward = [f"def backward(torch, grad_output, {saved}):"]
-    inverse = tuple(
-        program.output_permutation.index(k) for k in range(len(program.output_permutation))
-    )
-    grad = "grad_output" + (
-        f".permute({inverse!r})" if inverse != tuple(range(len(inverse))) else ""
-    )
+    grad = _permute_source("grad_output", _inverse(program.output_permutation))
     backward.append(f"    g{last} = {grad}")
     for index in range(len(program.steps) - 1, -1, -1):
         step = program.steps[index]
