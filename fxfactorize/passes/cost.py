@@ -11,7 +11,7 @@ import math
 
 from torch import fx, nn
 
-from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedConvNd, FactorizedLinear
+from fxfactorize.modules.factorized import FactorizedConvNd, FactorizedLinear
 
 __all__ = ["LAYER_META", "LayerShape", "annotate_costs", "describe_module"]
 
@@ -84,67 +84,23 @@ def describe_module(module: nn.Module, output_numel: int) -> LayerShape | None:
     >>> describe_module(nn.Conv2d(8, 16, 3), output_numel=16 * 6 * 6).positions
     36
     """
-    if isinstance(module, FactorizedLinear):
-        out = module.out_features
-        return LayerShape(
-            "linear",
-            module.in_features,
-            out,
-            (),
-            1,
-            output_numel // out,
-            module.module1.bias is not None,
-            latent=module.latent_features,
-        )
-    if isinstance(module, FactorizedConv2d):
-        out = module.out_channels
-        return LayerShape(
-            "conv2d",
-            module.in_channels,
-            out,
+    factorized = isinstance(module, (FactorizedLinear, FactorizedConvNd))
+    if isinstance(module, (nn.Linear, FactorizedLinear)):
+        kind, kernel, groups = "linear", (), 1
+        in_size, out = module.in_features, module.out_features
+        latent = module.latent_features if factorized else None
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, FactorizedConvNd)):
+        kind, kernel, groups = (
+            f"conv{len(module.kernel_size)}d",
             tuple(module.kernel_size),
             module.groups,
-            output_numel // out,
-            module.module1.bias is not None,
-            latent=module.latent_channels,
         )
-    if isinstance(module, nn.Linear):
-        out = module.out_features
-        return LayerShape(
-            "linear", module.in_features, out, (), 1, output_numel // out, module.bias is not None
-        )
-    if isinstance(module, nn.Conv2d):
-        out = module.out_channels
-        return LayerShape(
-            "conv2d",
-            module.in_channels,
-            out,
-            tuple(module.kernel_size),
-            module.groups,
-            output_numel // out,
-            module.bias is not None,
-        )
-    return _describe_conv_nd(module, output_numel)
-
-
-def _describe_conv_nd(module: nn.Module, output_numel: int) -> LayerShape | None:
-    """Conv1d/Conv3d and their factorized pairs (kinds ``"conv1d"``/``"conv3d"``)."""
-    factorized = isinstance(module, FactorizedConvNd)
-    if not factorized and not isinstance(module, (nn.Conv1d, nn.Conv3d)):
+        in_size, out = module.in_channels, module.out_channels
+        latent = module.latent_channels if factorized else None
+    else:
         return None
-    kind = f"conv{len(module.kernel_size)}d"
-    out = module.out_channels
     bias = (module.module1 if factorized else module).bias is not None
-    return LayerShape(
-        kind,
-        module.in_channels,
-        out,
-        tuple(module.kernel_size),
-        module.groups,
-        output_numel // out,
-        bias,
-        latent=module.latent_channels if factorized else None,
-    )
+    return LayerShape(kind, in_size, out, kernel, groups, output_numel // out, bias, latent=latent)
 
 
 def annotate_costs(gm: fx.GraphModule) -> fx.GraphModule:
