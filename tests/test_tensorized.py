@@ -30,21 +30,28 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("factorization", FORMATS)
-def test_from_linear_recovers_exactly_representable_weight(factorization):
-    torch.manual_seed(0)
+@pytest.mark.parametrize(
+    ("dtype", "seed", "cp_kwargs"),
+    [
+        (torch.float64, 0, {"tol": 1e-14, "n_iter_max": 2000}),
+        # a float32 weight takes decompose's float32 path; exact ranks must still be recovered
+        (torch.float32, 9, {"n_iter_max": 500}),
+    ],
+)
+def test_from_linear_recovers_exactly_representable_weight(factorization, dtype, seed, cp_kwargs):
+    torch.manual_seed(seed)
     source = FactorizedLinear(IN, OUT, factorization=factorization, rank=EXACT[factorization])
-    source = source.double()
-    linear = nn.Linear(24, 20).double()
+    source = source.to(dtype)
+    linear = nn.Linear(24, 20).to(dtype)
     with torch.no_grad():
         linear.weight.copy_(source.get_weight())
-    kwargs = {"tol": 1e-14, "n_iter_max": 2000} if factorization == "cp" else {}
     layer = FactorizedLinear.from_linear(
         linear,
         rank=EXACT[factorization],
         in_tensorized_features=IN,
         out_tensorized_features=OUT,
         factorization=factorization,
-        decomposition_kwargs=kwargs,
+        decomposition_kwargs=cp_kwargs if factorization == "cp" else {},
     )
     assert layer.rank == source.rank
     assert _relative_error(layer.get_weight().detach(), linear.weight.detach()) < 1e-4
@@ -267,26 +274,6 @@ def test_save_load_round_trips_a_tensorized_transform(tmp_path):
     gm.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), gm(x))
-
-
-@pytest.mark.parametrize("factorization", FORMATS)
-def test_from_linear_recovers_exactly_representable_float32_weight(factorization):
-    """A float32 weight takes decompose's float32 path; exact ranks must still be recovered."""
-    torch.manual_seed(9)
-    source = FactorizedLinear(IN, OUT, factorization=factorization, rank=EXACT[factorization])
-    linear = nn.Linear(24, 20)
-    with torch.no_grad():
-        linear.weight.copy_(source.get_weight())
-    kwargs = {"n_iter_max": 500} if factorization == "cp" else {}
-    layer = FactorizedLinear.from_linear(
-        linear,
-        rank=EXACT[factorization],
-        in_tensorized_features=IN,
-        out_tensorized_features=OUT,
-        factorization=factorization,
-        decomposition_kwargs=kwargs,
-    )
-    assert _relative_error(layer.get_weight(), linear.weight) < 1e-4
 
 
 def _exact_tt_error(weight: torch.Tensor, modes: tuple[int, ...], ranks: tuple[int, ...]) -> float:
