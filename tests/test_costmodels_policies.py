@@ -176,6 +176,7 @@ def test_config_errors_name_the_argument(option, value, message):
 
 def test_device_profile_is_measured_once_and_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("FXFACTORIZE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(roofline.PROFILE_ENV)
     calls = []
     monkeypatch.setattr(
         roofline, "_measure", lambda device, dtype: calls.append(1) or DeviceProfile(1.0, 2.0, 3.0)

@@ -4,6 +4,8 @@ Each matrix product (a Linear, or a conv seen as im2col × weight) takes
 ``launch + max(flops / peak_flops, bytes / bandwidth)``; a factorized pair is two such products.
 The three device numbers come from micro-benchmarks run once per device, dtype and thread count,
 and are cached as JSON in ``$FXFACTORIZE_CACHE_DIR`` (default ``~/.cache/fxfactorize``).
+``$FXFACTORIZE_DEVICE_PROFILE="FLOPS,BYTES,LAUNCH"`` (e.g. ``"5e10,1e10,0"``) replaces the
+measurement: every machine given the same numbers makes the same plan.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 from pathlib import Path
@@ -20,12 +23,20 @@ import torch
 from fxfactorize.costmodels.base import LayerSite
 from fxfactorize.costmodels.timing import median_seconds
 
-__all__ = ["DeviceProfile", "RooflineCostModel", "device_profile", "set_device_profile"]
+__all__ = [
+    "PROFILE_ENV",
+    "DeviceProfile",
+    "RooflineCostModel",
+    "device_profile",
+    "profile_from_env",
+    "set_device_profile",
+]
 
 log = logging.getLogger("fxfactorize")
 
 _MEASURED: dict[str, DeviceProfile] = {}  # this process's profiles, by full key
 _PINNED: dict[tuple[str, torch.dtype], DeviceProfile] = {}  # by device type, dtype
+PROFILE_ENV = "FXFACTORIZE_DEVICE_PROFILE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +56,35 @@ class DeviceProfile:
         flops = 2.0 * m * k * n
         moved = element_size * (m * k + k * n + m * n)
         return self.launch_s + max(flops / self.flops_per_s, moved / self.bytes_per_s)
+
+
+def profile_from_env() -> DeviceProfile | None:
+    """The profile ``$FXFACTORIZE_DEVICE_PROFILE`` gives (``"FLOPS,BYTES,LAUNCH"``), or ``None``.
+
+    >>> import os
+    >>> os.environ[PROFILE_ENV] = "2e11,4e10,1e-6"
+    >>> profile_from_env()
+    DeviceProfile(flops_per_s=200000000000.0, bytes_per_s=40000000000.0, launch_s=1e-06)
+    >>> os.environ[PROFILE_ENV] = "fast"
+    >>> profile_from_env()
+    Traceback (most recent call last):
+    ...
+    ValueError: FXFACTORIZE_DEVICE_PROFILE must be 'FLOPS,BYTES,LAUNCH' (two positive numbers and a number >= 0, e.g. '5e10,1e10,0'); got 'fast'
+    >>> del os.environ[PROFILE_ENV]
+    """
+    text = os.environ.get(PROFILE_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        flops, moved, launch = (float(part) for part in text.split(","))
+    except ValueError:
+        flops = moved = launch = math.nan
+    if not (flops > 0 and moved > 0 and launch >= 0 and math.isfinite(flops * moved * launch)):
+        raise ValueError(
+            f"{PROFILE_ENV} must be 'FLOPS,BYTES,LAUNCH' (two positive numbers and a number >= 0, "
+            f"e.g. '5e10,1e10,0'); got {text!r}"
+        )
+    return DeviceProfile(flops, moved, launch)
 
 
 def _cache_file() -> Path:
@@ -96,7 +136,8 @@ def set_device_profile(
 
 
 def device_profile(device: str = "cpu", dtype: torch.dtype = torch.float32) -> DeviceProfile:
-    """The :class:`DeviceProfile` of ``device``/``dtype``: pinned, cached on disk, or measured now.
+    """The :class:`DeviceProfile` of ``device``/``dtype``: pinned, from the environment, cached on
+    disk, or measured now (in that order).
 
     >>> set_device_profile(DeviceProfile(2e11, 2e10, 2e-6))
     >>> device_profile().flops_per_s
@@ -106,6 +147,9 @@ def device_profile(device: str = "cpu", dtype: torch.dtype = torch.float32) -> D
     pin = (torch.device(device).type, dtype)
     if pin in _PINNED:
         return _PINNED[pin]
+    from_env = profile_from_env()
+    if from_env is not None:
+        return from_env
     key = _key(device, dtype)
     if key in _MEASURED:
         return _MEASURED[key]
