@@ -23,7 +23,6 @@ from fxfactorize.modules.factorized import (
     FactorizedLinear,
     factorizing_could_speedup,
 )
-from fxfactorize.passes.regions import report_of
 from fxfactorize.persistence import LoadError, load, save
 from fxfactorize.report import (
     LayerRecord,
@@ -32,6 +31,7 @@ from fxfactorize.report import (
     Plan,
     Report,
     UntracedModule,
+    report_of,
 )
 
 logging.getLogger("fxfactorize").addHandler(logging.NullHandler())

@@ -11,17 +11,18 @@ from torch import fx, nn
 
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.errors import TraceError
-from fxfactorize.optimizers import update_optimizers
-from fxfactorize.passes.calibrate import calibrate, calibration_batches
+from fxfactorize.optimizers import as_optimizer_list, update_optimizers
+from fxfactorize.passes.calibrate import calibrate, calibration_batches, calibration_warnings
 from fxfactorize.passes.cost import annotate_costs
 from fxfactorize.passes.functional import convert_functional_layers
 from fxfactorize.passes.plan import candidate_targets, plan_graph
 from fxfactorize.passes.regions import calibratable_targets, plan_regions, transform_regions
-from fxfactorize.passes.rewrite import has_submodule, replace_submodule, rewrite
-from fxfactorize.passes.shapes import propagate_shapes
+from fxfactorize.passes.rewrite import has_submodule, install, rewrite
+from fxfactorize.passes.shapes import check_example_inputs, propagate_shapes
 from fxfactorize.passes.solve import solve_plan, solved_records
 from fxfactorize.passes.trace import trace
-from fxfactorize.report import Plan, Report
+from fxfactorize.report import REPORT_META, Plan, Report, publish
+from fxfactorize.sharing import tied_layers
 
 __all__ = ["plan", "transform"]
 
@@ -34,13 +35,13 @@ def _check_model(model: Any) -> None:
 
 
 def _analyse(
-    model: nn.Module, example_inputs: Any, config: FactorizeConfig
+    model: nn.Module, example_inputs: Any, config: FactorizeConfig, tied: dict[str, str]
 ) -> tuple[fx.GraphModule, Plan]:
     gm = trace(model, config.leaf_modules)
     if config.functional:
         convert_functional_layers(gm)
     annotate_costs(propagate_shapes(gm, example_inputs))
-    return gm, plan_graph(gm, config)
+    return gm, plan_graph(gm, config, tied=tied)
 
 
 def plan(
@@ -63,8 +64,9 @@ def plan(
     """
     _check_model(model)
     config = FactorizeConfig.build(config, **overrides)
+    check_example_inputs(example_inputs)
     try:
-        return _analyse(model, example_inputs, config)[1]
+        return _analyse(model, example_inputs, config, tied_layers(model))[1]
     except TraceError:
         if config.on_untraceable == "raise":
             raise
@@ -113,6 +115,14 @@ def transform(
             is dropped.
         inplace: factorize ``model``'s own modules instead of a copy.
 
+    Every argument is checked and every layer solved before anything is installed: on any error
+    the caller's model and optimizers are as they were. A module reachable under several names
+    gets one replacement, set under each name; a layer whose parameter is tied to another module
+    (an output layer sharing an embedding's weight) is left alone, its reason in the report.
+    What a user must know about the result (a budget that cannot be met, too little calibration
+    data) is in the report's ``warnings`` and raised as a
+    :class:`~fxfactorize.errors.FactorizeWarning`.
+
     >>> import torch
     >>> model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
     >>> gm = transform(model, torch.randn(4, 512), progress=False)
@@ -122,37 +132,51 @@ def transform(
     _check_model(model)
     config = FactorizeConfig.build(config, **overrides)
     started = time.perf_counter()
+    check_example_inputs(example_inputs)
+    optimizers = None if optimizers is None else as_optimizer_list(optimizers)
+    batches = None if calibration is None else calibration_batches(calibration)
     working = model if inplace else copy.deepcopy(model)
+    tied = tied_layers(working)
     try:
-        gm, the_plan = _analyse(working, example_inputs, config)
+        gm, the_plan = _analyse(working, example_inputs, config, tied)
     except TraceError:  # the root does not trace: transform its largest traceable submodules
         if config.on_untraceable == "raise":
             raise
         return transform_regions(
-            working, example_inputs, config, started, calibration, optimizers, original=model
+            working, example_inputs, config, started, batches, optimizers, original=model
         )
     moments = None
-    if calibration is not None:
-        targets = [record.target for record in the_plan.factorized]
-        if config.tolerance is not None or config.budget is not None:
-            # these policies predict errors from the statistics: calibrate every candidate first
-            targets = candidate_targets(gm, config)
-        targets = calibratable_targets(gm, targets)
-        moments = calibrate(gm, targets, calibration_batches(calibration), progress=config.progress)
-        if config.tolerance is not None or config.budget is not None:
-            the_plan = plan_graph(gm, config, moments=moments)
+    if batches is not None:
+        gm, the_plan, moments = _calibrate(gm, the_plan, batches, config, tied)
     solved = solve_plan(gm, the_plan, moments, progress=config.progress)
     replacements = {target: result.module for target, result in solved.items()}
-    originals = {t: model.get_submodule(t) for t in replacements if has_submodule(model, t)}
-    rewrite(gm, replacements)
-    if inplace:
-        for target, module in replacements.items():
-            if has_submodule(model, target):  # layers made from functional calls have no home
-                replace_submodule(model, target, module)
-    records = solved_records(the_plan, solved)
+    originals = {t: gm.get_submodule(t) for t in replacements}
+    rewrite(gm, replacements)  # gm is the pass's own object: the caller's model is not touched yet
+    warnings = the_plan.warnings + calibration_warnings(moments, the_plan)
+    report = Report(solved_records(the_plan, solved), config, 0.0, warnings)
     if optimizers is not None:
-        update_optimizers(optimizers, model, gm, originals)
-    report = Report(records, config, seconds=time.perf_counter() - started)
-    gm.meta["fxfactorize"] = report
-    log.info("%s", report.summary())
+        replaced = {t: model.get_submodule(t) for t in replacements if has_submodule(model, t)}
+        update_optimizers(optimizers, model, gm, replaced)
+    if inplace:
+        install(model, {originals[t]: module for t, module in replacements.items()})
+    report.seconds = time.perf_counter() - started
+    gm.meta[REPORT_META] = report
+    publish(report)
     return gm
+
+
+def _calibrate(
+    gm: fx.GraphModule, the_plan: Plan, batches: Any, config: FactorizeConfig, tied: dict
+) -> tuple[fx.GraphModule, Plan, dict]:
+    """Statistics of the planned layers (of every candidate for tolerance/budget, which then
+    re-plan on them)."""
+    replan = config.tolerance is not None or config.budget is not None
+    if replan:  # these policies predict errors from the statistics: calibrate every candidate
+        targets = candidate_targets(gm, config, tied)
+    else:
+        targets = [record.target for record in the_plan.factorized]
+    targets = calibratable_targets(gm, targets)
+    moments = calibrate(gm, targets, batches, progress=config.progress)
+    if replan:
+        the_plan = plan_graph(gm, config, moments=moments, tied=tied)
+    return gm, the_plan, moments

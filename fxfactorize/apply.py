@@ -15,6 +15,7 @@ from fxfactorize.modules.factorized import (
     _FactorizedModule,
     factorizing_could_speedup,
 )
+from fxfactorize.sharing import tied_layers
 from fxfactorize.surgery import replace_module_classes
 
 __all__ = ["apply_factorization"]
@@ -41,8 +42,11 @@ def apply_factorization(
     Unlike :func:`fxfactorize.transform` no tracing is done, so any model works, and no data is
     used: ``init="svd"`` keeps each trained layer's function as well as the rank allows
     (truncated SVD), ``init="random"`` re-initialises the pairs as Composer does. Layers inside
-    already factorized pairs are left alone. ``optimizers`` (one) has the replaced parameters
-    swapped for the new ones in the same param group. Defaults are Composer's.
+    already factorized pairs are left alone, and so are layers whose parameter is tied to another
+    module (an output layer sharing an embedding's weight: replacing it would untie them). A
+    layer reachable under several names gets one replacement, set under every name.
+    ``optimizers`` (one) has the replaced parameters swapped for the new ones in the same param
+    group. Defaults are Composer's.
 
     >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     >>> apply_factorization(model, min_features=32, latent_features=16)
@@ -55,15 +59,18 @@ def apply_factorization(
         raise ValueError(f"init must be 'svd' or 'random'; got {init!r}")
     validate_latent_size(latent_channels, "latent_channels")
     validate_latent_size(latent_features, "latent_features")
-    inside_pairs = {
+    left_alone = {
         id(child)
         for module in model.modules()
         if isinstance(module, _FactorizedModule)
         for child in module.modules()
     }
+    for name, reason in tied_layers(model).items():
+        log.info("apply_factorization leaves %s alone: %s", name, reason)
+        left_alone.add(id(model.get_submodule(name)))
 
     def linear_policy(module: nn.Module, index: int) -> nn.Module | None:
-        if id(module) in inside_pairs or type(module) is not nn.Linear:
+        if id(module) in left_alone or type(module) is not nn.Linear:
             return None
         if min(module.in_features, module.out_features) < min_features:
             return None
@@ -73,7 +80,7 @@ def apply_factorization(
         return FactorizedLinear.from_linear(module, index, init=init, latent_features=rank)
 
     def conv_policy(module: nn.Module, index: int) -> nn.Module | None:
-        if id(module) in inside_pairs or type(module) is not nn.Conv2d:
+        if id(module) in left_alone or type(module) is not nn.Conv2d:
             return None
         if min(module.in_channels, module.out_channels) < min_channels:
             return None

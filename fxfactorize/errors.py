@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-__all__ = ["CalibrationError", "FactorizeError", "ShapePropagationError", "TraceError"]
+__all__ = [
+    "CalibrationError",
+    "FactorizeError",
+    "FactorizeWarning",
+    "ShapePropagationError",
+    "TraceError",
+]
 
 
 class FactorizeError(RuntimeError):
     """Base class of the errors fxfactorize raises about a model (not about an argument)."""
+
+
+class FactorizeWarning(UserWarning):
+    """Something a user must know about a result (also listed in its report's ``warnings``): a
+    budget that cannot be met, too little calibration data, ..."""
 
 
 class TraceError(FactorizeError):

@@ -93,7 +93,7 @@ def allocate_budget(items: Sequence[BudgetItem], budget: float) -> dict[str, int
 
     Greedy: every layer starts at its smallest rank; then the step with the largest error
     reduction per unit of extra cost is taken while it fits, until none fits. If even the
-    smallest ranks exceed the budget they are kept and a warning is logged.
+    smallest ranks exceed the budget they are kept (the plan then carries a warning).
 
     >>> items = [BudgetItem("a", [1, 2], [0.5, 0.1], [1.0, 2.0], 4.0),
     ...          BudgetItem("b", [1, 2], [0.2, 0.1], [1.0, 2.0], 4.0)]
@@ -104,7 +104,7 @@ def allocate_budget(items: Sequence[BudgetItem], budget: float) -> dict[str, int
     by_key = {item.key: item for item in items}
     spent = sum(by_key[key].option(0)[1] for key in state)
     if spent > budget:
-        log.warning(
+        log.debug(
             "budget cannot be met: the smallest ranks cost %.3g > %.3g; using them", spent, budget
         )
     heap: list[tuple[float, str]] = []

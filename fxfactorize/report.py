@@ -5,12 +5,31 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import logging
+import warnings as _warnings_module
 from collections.abc import Iterable
 from typing import Any
 
 from tabulate import tabulate
 
-__all__ = ["SCHEMA_VERSION", "LayerRecord", "Plan", "Report", "format_count"]
+from fxfactorize.errors import FactorizeWarning
+
+__all__ = [
+    "REPORT_META",
+    "SCHEMA_VERSION",
+    "LayerRecord",
+    "Plan",
+    "Report",
+    "attach_report",
+    "format_count",
+    "publish",
+    "report_of",
+]
+
+log = logging.getLogger("fxfactorize")
+
+#: Key of the report in a transform result's ``meta`` dict.
+REPORT_META = "fxfactorize"
 
 #: Version of the dictionary/JSON layout written by ``Plan.to_dict`` / ``Report.to_dict``.
 #: Bumped only when a key changes meaning or disappears; new keys may appear without a bump.
@@ -55,6 +74,8 @@ class LayerRecord:
     nmse_source: str | None = None
     method: str = "lowrank"
     detail: str | None = None  # method-specific structure, e.g. a tensorized format's ranks
+    #: the record of the same module object reached under another name (its parameters count there)
+    shared_with: str | None = None
 
     @property
     def factorized(self) -> bool:
@@ -93,6 +114,8 @@ class LayerRecord:
             outcome = "planned"
         else:
             outcome = f"{self.nmse:.3g} ({self.nmse_source})"
+        if self.shared_with:
+            outcome += f"; same module as {self.shared_with}"
         return [
             self.node,
             self.op,
@@ -127,8 +150,10 @@ class _LayerTable:
     title = ""
     kind = ""
 
-    def __init__(self, layers: Iterable[LayerRecord]) -> None:
+    def __init__(self, layers: Iterable[LayerRecord], warnings: Iterable[str] = ()) -> None:
         self.layers = list(layers)
+        #: what a user must know about the result (a budget not met, too little calibration data)
+        self.warnings = list(warnings)
 
     @property
     def factorized(self) -> list[LayerRecord]:
@@ -136,11 +161,13 @@ class _LayerTable:
         return [record for record in self.layers if record.factorized]
 
     def totals(self) -> dict[str, int]:
-        """MACs and parameters of all listed layers, before and after."""
+        """MACs and parameters of all listed layers, before and after; a module listed under
+        several names (``shared_with``) has its MACs counted at each call and its parameters once."""
+        owned = [r for r in self.layers if not r.shared_with]
         before_m = sum(r.macs_before for r in self.layers)
-        before_p = sum(r.params_before for r in self.layers)
+        before_p = sum(r.params_before for r in owned)
         after_m = sum(r.macs_after if r.factorized else r.macs_before for r in self.layers)
-        after_p = sum(r.params_after if r.factorized else r.params_before for r in self.layers)
+        after_p = sum(r.params_after if r.factorized else r.params_before for r in owned)
         return {
             "macs_before": before_m,
             "macs_after": after_m,
@@ -177,7 +204,8 @@ class _LayerTable:
             ]
         )
         table = tabulate(rows, headers=_HEADERS, tablefmt="simple")
-        return f"{self.title}\n{table}\n{self.summary()}"
+        notes = "".join(f"\nwarning: {text}" for text in self.warnings)
+        return f"{self.title}\n{table}\n{self.summary()}{notes}"
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}: {self.summary()}>"
@@ -194,7 +222,8 @@ class _LayerTable:
         Keys: ``schema_version`` (int), ``kind`` (``"plan"`` or ``"report"``), ``config`` (the
         :class:`~fxfactorize.config.FactorizeConfig` fields), ``totals`` (``macs_before``,
         ``macs_after``, ``params_before``, ``params_after``), ``layers`` (one
-        :meth:`LayerRecord.to_dict` per layer); a report adds ``seconds``.
+        :meth:`LayerRecord.to_dict` per layer), ``warnings`` (list of str); a report adds
+        ``seconds``.
 
         >>> import torch, fxfactorize as ff
         >>> p = ff.plan(torch.nn.Sequential(torch.nn.Linear(512, 512)), torch.randn(2, 512))
@@ -208,6 +237,7 @@ class _LayerTable:
             "config": _config_to_dict(getattr(self, "config", None)),
             "totals": self.totals(),
             "layers": [record.to_dict() for record in self.layers],
+            "warnings": list(self.warnings),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -227,11 +257,16 @@ class _LayerTable:
         | node   | op     | in→out   | kernel   |   rank | MACs before   | MACs after   | params before   | params after   | nmse / reason   |
         """
         table = tabulate(self._rows(), headers=_HEADERS, tablefmt="github")
-        return f"{table}\n\n{self.summary()}"
+        notes = "".join(f"\n\n**warning:** {text}" for text in self.warnings)
+        return f"{table}\n\n{self.summary()}{notes}"
 
     def _repr_html_(self) -> str:
         table = tabulate(self._rows(), headers=_HEADERS, tablefmt="html")
-        return f"<p><b>{html.escape(self.title)}</b></p>{table}<p>{html.escape(self.summary())}</p>"
+        notes = "".join(f"<p><b>warning:</b> {html.escape(text)}</p>" for text in self.warnings)
+        return (
+            f"<p><b>{html.escape(self.title)}</b></p>{table}"
+            f"<p>{html.escape(self.summary())}</p>{notes}"
+        )
 
     def plot(self, figsize: tuple[float, float] = (10.0, 7.0)) -> Any:
         """A matplotlib figure: MACs and params before/after per factorized layer, and nmse.
@@ -257,8 +292,10 @@ class Plan(_LayerTable):
     title = "fxfactorize plan"
     kind = "plan"
 
-    def __init__(self, layers: Iterable[LayerRecord], config: object) -> None:
-        super().__init__(layers)
+    def __init__(
+        self, layers: Iterable[LayerRecord], config: object, warnings: Iterable[str] = ()
+    ) -> None:
+        super().__init__(layers, warnings)
         self.config = config
 
     @classmethod
@@ -271,7 +308,7 @@ class Plan(_LayerTable):
         True
         """
         layers, config = _parse(data, "plan")
-        return cls(layers, config)
+        return cls(layers, config, _warnings(data))
 
 
 class Report(_LayerTable):
@@ -280,8 +317,14 @@ class Report(_LayerTable):
     title = "fxfactorize report"
     kind = "report"
 
-    def __init__(self, layers: Iterable[LayerRecord], config: object, seconds: float = 0.0) -> None:
-        super().__init__(layers)
+    def __init__(
+        self,
+        layers: Iterable[LayerRecord],
+        config: object,
+        seconds: float = 0.0,
+        warnings: Iterable[str] = (),
+    ) -> None:
+        super().__init__(layers, warnings)
         self.config = config
         self.seconds = seconds
 
@@ -303,7 +346,61 @@ class Report(_LayerTable):
         (True, 128)
         """
         layers, config = _parse(data, "report")
-        return cls(layers, config, seconds=float(data.get("seconds", 0.0)))
+        return cls(layers, config, float(data.get("seconds", 0.0)), _warnings(data))
+
+
+def attach_report(model: Any, report: Report) -> None:
+    """Put ``report`` in ``model.meta[REPORT_META]`` (``meta`` made a dict if the model has none).
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> attach_report(model, Report([], None))
+    >>> report_of(model).layers
+    []
+    """
+    meta = getattr(model, "meta", None)
+    if meta is None:
+        model.meta = {}
+        meta = model.meta
+    if not isinstance(meta, dict):
+        raise TypeError(
+            f"cannot attach the report: {type(model).__name__}.meta exists and is not a dict"
+        )
+    meta[REPORT_META] = report
+
+
+def report_of(model: Any) -> Report:
+    """The :class:`Report` that ``transform`` attached to its result.
+
+    A fully traced model returns a GraphModule with the report in ``gm.meta["fxfactorize"]``; a
+    partially traced one returns the original container with it in ``model.meta["fxfactorize"]``.
+
+    >>> import torch, fxfactorize as ff
+    >>> gm = ff.transform(torch.nn.Sequential(torch.nn.Linear(512, 512)), torch.ones(1, 512), progress=False)
+    >>> report_of(gm).factorized[0].rank
+    128
+    """
+    meta = getattr(model, "meta", None)
+    if not isinstance(meta, dict) or REPORT_META not in meta:
+        raise ValueError(
+            f"{type(model).__name__} carries no fxfactorize report (not a transform result)"
+        )
+    return meta[REPORT_META]
+
+
+def publish(report: Report, context: str = "") -> None:
+    """Log ``report``'s summary and raise each of its warnings as a :class:`FactorizeWarning`.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     publish(Report([], None, warnings=["budget=0.1 cannot be met"]))
+    >>> [str(w.message) for w in caught]
+    ['budget=0.1 cannot be met']
+    """
+    log.info("%s%s", report.summary(), context)
+    for text in report.warnings:
+        _warnings_module.warn(text, FactorizeWarning, stacklevel=3)
 
 
 def _plain(value: Any) -> Any:
@@ -334,6 +431,10 @@ def _config_from_dict(data: dict[str, Any] | None) -> object:
         return FactorizeConfig(**{key: value for key, value in data.items() if key in known})
     except (TypeError, ValueError):
         return dict(data)
+
+
+def _warnings(data: dict[str, Any]) -> list[str]:
+    return [str(text) for text in data.get("warnings") or ()]
 
 
 def _parse(data: dict[str, Any], kind: str) -> tuple[list[LayerRecord], object]:
@@ -378,8 +479,9 @@ class PartialPlan(Plan):
         config: object,
         regions: Iterable[str] = (),
         untraced: Iterable[UntracedModule] = (),
+        warnings: Iterable[str] = (),
     ) -> None:
-        super().__init__(layers, config)
+        super().__init__(layers, config, warnings)
         self.regions = list(regions)
         self.untraced = list(untraced)
 
@@ -400,8 +502,9 @@ class PartialReport(Report):
         seconds: float = 0.0,
         regions: Iterable[str] = (),
         untraced: Iterable[UntracedModule] = (),
+        warnings: Iterable[str] = (),
     ) -> None:
-        super().__init__(layers, config, seconds)
+        super().__init__(layers, config, seconds, warnings)
         self.regions = list(regions)
         self.untraced = list(untraced)
 
@@ -418,7 +521,14 @@ class PartialReport(Report):
         """Inverse of :meth:`to_dict`."""
         report = Report.from_dict(data)
         untraced = [UntracedModule(**module) for module in data.get("untraced", [])]
-        return cls(report.layers, report.config, report.seconds, data.get("regions", []), untraced)
+        return cls(
+            report.layers,
+            report.config,
+            report.seconds,
+            data.get("regions", []),
+            untraced,
+            report.warnings,
+        )
 
 
 __all__ += ["PartialPlan", "PartialReport", "UntracedModule"]  # issue 7: partial tracing

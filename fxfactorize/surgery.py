@@ -61,7 +61,9 @@ def replace_module_classes(
     A policy is called as ``policy(child, index)`` (``index``: how many instances of that class
     were seen so far) and returns the replacement or ``None`` to keep the child. Policies are
     tried in mapping order. With ``recurse_on_replacements`` the policies are applied again to
-    each replacement. Parameters of replaced modules are swapped for the new ones in
+    each replacement. A module reachable under several names (two parents, or an alias such as
+    ``self.b = self.a``) is offered to the policies once and its replacement set under every name,
+    so sharing is kept. Parameters of replaced modules are swapped for the new ones in
     ``optimizers`` (see :func:`update_params_in_optimizer`). Returns ``{old: new}`` for every
     replacement made, intermediate ones included. ``module`` itself is never replaced.
 
@@ -73,7 +75,34 @@ def replace_module_classes(
     if indices is None:
         indices = collections.defaultdict(int)
     replaced: dict[nn.Module, nn.Module] = {}
-    for name, child in list(module.named_children()):
+    _replace_children(module, policies, recurse_on_replacements, indices, replaced, {})
+    optimizer = _one_optimizer(optimizers)
+    if optimizer is not None and replaced:
+        old_params = itertools.chain.from_iterable(old.parameters() for old in replaced)
+        new_params = itertools.chain.from_iterable(new.parameters() for new in replaced.values())
+        update_params_in_optimizer(old_params, new_params, optimizer)
+    return replaced
+
+
+def _replace_children(
+    module: nn.Module,
+    policies: Mapping[type[nn.Module], ReplacementFunction],
+    recurse: bool,
+    indices: dict[type[nn.Module], int],
+    replaced: dict[nn.Module, nn.Module],
+    outcome: dict[int, nn.Module],
+) -> None:
+    """Apply ``policies`` below ``module``. ``outcome`` maps each visited child (by id) to what
+    it became, so a child reachable under several names gets one replacement, set under each."""
+    for name, child in list(
+        module._modules.items()
+    ):  # _modules keeps aliases; named_children drops them
+        if child is None:
+            continue
+        if id(child) in outcome:
+            if outcome[id(child)] is not child:
+                setattr(module, name, outcome[id(child)])
+            continue
         current = child
         for policy_class, policy in policies.items():
             if not isinstance(current, policy_class):
@@ -84,20 +113,14 @@ def replace_module_classes(
             if new is None:
                 continue
             replaced[current] = new
-            setattr(module, name, new)
             current = new
-            if not recurse_on_replacements:
+            if not recurse:
                 break
-        if current is child or recurse_on_replacements:
-            replaced.update(
-                replace_module_classes(current, policies, None, recurse_on_replacements, indices)
-            )
-    optimizer = _one_optimizer(optimizers)
-    if optimizer is not None and replaced:
-        old_params = itertools.chain.from_iterable(old.parameters() for old in replaced)
-        new_params = itertools.chain.from_iterable(new.parameters() for new in replaced.values())
-        update_params_in_optimizer(old_params, new_params, optimizer)
-    return replaced
+        outcome[id(child)] = current
+        if current is not child:
+            setattr(module, name, current)
+        if current is child or recurse:
+            _replace_children(current, policies, recurse, indices, replaced, outcome)
 
 
 def update_params_in_optimizer(

@@ -22,9 +22,9 @@ from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.patches import conv_patch_rows
 from fxfactorize.errors import CalibrationError
 from fxfactorize.modules.factorized import FactorizedConvNd, FactorizedLinear
-from fxfactorize.passes.shapes import evaluation_mode, normalize_inputs
+from fxfactorize.passes.shapes import check_example_inputs, evaluation_mode, normalize_inputs
 
-__all__ = ["MomentCollector", "calibrate"]
+__all__ = ["MomentCollector", "calibrate", "calibration_batches", "calibration_warnings"]
 
 log = logging.getLogger("fxfactorize")
 
@@ -138,6 +138,7 @@ def calibrate(
             tqdm(batches, desc="calibrate", unit="batch", disable=not progress)
         ):
             try:
+                check_example_inputs(batch, "the batch")
                 args = normalize_inputs(gm, batch)
             except (TypeError, ValueError) as error:
                 raise CalibrationError(index, str(error)) from error
@@ -173,3 +174,35 @@ def calibration_batches(batches: Any) -> Iterable[Any]:
             f"inputs or a dict of keyword inputs); got {type(batches).__name__}"
         )
     return batches
+
+
+def calibration_warnings(moments: Mapping[str, InputMoments] | None, plan: Any) -> list[str]:
+    """What a user must know about the statistics of ``plan``'s factorized layers: fewer rows than
+    inputs (the data-aware solve is then exact on the rows and underdetermined elsewhere, so its
+    calibration nmse says little), or inputs with no variance at all.
+
+    >>> from fxfactorize.report import LayerRecord, Plan
+    >>> plan = Plan([LayerRecord("fc", "fc", "Linear", 4, 4, (), 1, 16, 20, rank=1)], None)
+    >>> moments = {"fc": InputMoments.zeros(4)}
+    >>> moments["fc"].update(torch.ones(2, 4))
+    >>> calibration_warnings(moments, plan)  # doctest: +NORMALIZE_WHITESPACE
+    ['layer fc: calibration gave only 2 input row(s) for 4 input features, so the data-aware solve is underdetermined: its nmse on the calibration data (reported) says little about other inputs; give more calibration rows than input features']
+    """
+    notes = []
+    for record in plan.factorized:
+        stats = None if moments is None else moments.get(record.target)
+        if stats is None:
+            continue
+        if stats.count < stats.dim:
+            notes.append(
+                f"layer {record.target}: calibration gave only {stats.count} input row(s) for "
+                f"{stats.dim} input features, so the data-aware solve is underdetermined: its "
+                "nmse on the calibration data (reported) says little about other inputs; give "
+                "more calibration rows than input features"
+            )
+        elif float(stats.covariance().diagonal(dim1=-2, dim2=-1).sum()) <= 0.0:
+            notes.append(
+                f"layer {record.target}: its calibration inputs do not vary (all rows equal), so "
+                "the data-aware solve learns nothing about other inputs"
+            )
+    return notes

@@ -141,6 +141,17 @@ def _round_rank(site: LayerSite, rank: int, config: FactorizeConfig, cost_model:
     return rank
 
 
+def _error_curve(
+    target: str, site: LayerSite, node: fx.Node, moments: Mapping[str, InputMoments] | None
+) -> torch.Tensor:
+    """The layer's predicted nmse per rank; ``ValueError`` naming the node for non-finite weights."""
+    if not all(torch.isfinite(p).all() for p in site.module.parameters()):
+        raise ValueError(
+            f"graph node {node.name!r} ({target}) has NaN or Inf weights: cannot predict its errors"
+        )
+    return module_error_curve(site.module, None if moments is None else moments.get(target))
+
+
 def _policy_ranks(
     gm: fx.GraphModule,
     entries: list[tuple[str, LayerSite, str | None]],
@@ -149,24 +160,22 @@ def _policy_ranks(
     moments: Mapping[str, InputMoments] | None,
 ) -> dict[str, int | None]:
     """The rank the tolerance or budget policy gives each considered layer (``None``: keep it)."""
+    nodes = {target: node for target, (node, _) in _layer_nodes(gm).items()}
     considered = [
         (target, site)
         for target, site, reason in entries
         if reason is None and method_for(site.layer, config) == "lowrank"
     ]
-
-    def curve(target: str, site: LayerSite) -> torch.Tensor:
-        stats = None if moments is None else moments.get(target)
-        return module_error_curve(site.module, stats)
-
+    curves = {
+        target: _error_curve(target, site, nodes[target], moments) for target, site in considered
+    }
     if config.tolerance is not None:
         return {
-            target: rank_for_tolerance(curve(target, site), config.tolerance)
-            for target, site in considered
+            target: rank_for_tolerance(curves[target], config.tolerance) for target, _ in considered
         }
     items = []
     for target, site in considered:
-        errors = curve(target, site)
+        errors = curves[target]
         ranks = candidate_ranks(
             site.layer.max_rank,
             lambda rank, site=site: cost_model.pays(site, rank),
@@ -186,15 +195,39 @@ def _policy_ranks(
     return allocate_budget(items, config.budget * total - fixed)
 
 
-def candidate_targets(gm: fx.GraphModule, config: FactorizeConfig) -> list[str]:
+def _budget_warning(
+    records: list[LayerRecord],
+    sites: Mapping[str, LayerSite],
+    config: FactorizeConfig,
+    cost_model: CostModel,
+) -> str | None:
+    """What to tell the user when the planned layers cost more than ``config.budget`` allows."""
+    if config.budget is None:
+        return None
+    before = sum(cost_model.cost(sites[r.target], None) for r in records)
+    after = sum(
+        cost_model.cost(sites[r.target], r.rank if r.method == "lowrank" else None) for r in records
+    )
+    if before <= 0 or after <= config.budget * before * (1 + 1e-9):
+        return None
+    return (
+        f"budget={config.budget} cannot be met: the cheapest plan costs {after / before:.4g}× the "
+        f"original ({cost_model.name} cost model); the smallest candidate ranks are used"
+    )
+
+
+def candidate_targets(
+    gm: fx.GraphModule, config: FactorizeConfig, tied: Mapping[str, str] | None = None
+) -> list[str]:
     """Targets of the layers ``config`` considers at all (before any rank or cost decision).
 
     Calibration-aware policies (``tolerance``/``budget``) calibrate these before planning.
     """
+    tied = tied or {}
     return [
         str(target)
         for target, (_, layer) in _layer_nodes(gm).items()
-        if _skip_reason(layer, config) is None
+        if target not in tied and _skip_reason(layer, config) is None
     ]
 
 
@@ -203,13 +236,17 @@ def plan_graph(
     config: FactorizeConfig,
     *,
     moments: Mapping[str, InputMoments] | None = None,
+    tied: Mapping[str, str] | None = None,
 ) -> Plan:
     """Decide, for each annotated Linear/Conv node of ``gm``, the rank or why it is skipped.
 
     Needs the ``cost`` pass's annotations. Pure: ``gm`` is not changed. The rank comes from
     ``config``'s policy (fixed ``latent_*``, ``tolerance`` or ``budget``); ``moments``
     (``{target: InputMoments}``) makes the tolerance/budget error predictions data-aware. A layer
-    is kept when ``config.cost_model`` does not predict the pair cheaper.
+    is kept when ``config.cost_model`` does not predict the pair cheaper, and so is a layer named
+    in ``tied`` (``{target: reason}``, see :func:`fxfactorize.sharing.tied_layers`): replacing it
+    would untie a parameter it shares with another module. A budget that cannot be met is
+    listed in the plan's ``warnings``.
 
     >>> import torch
     >>> from torch import nn
@@ -223,8 +260,9 @@ def plan_graph(
     get_method(config.method)  # an unknown method is an error even if no Linear uses it
     cost_model = get_cost_model(config.cost_model)
     layers = _layer_nodes(gm)
+    tied = tied or {}
     entries = [
-        (target, _site(gm, node, layer), _skip_reason(layer, config))
+        (target, _site(gm, node, layer), tied.get(target) or _skip_reason(layer, config))
         for target, (node, layer) in layers.items()
     ]
     policy: dict[str, int | None] = {}
@@ -241,6 +279,8 @@ def plan_graph(
                     "or the budget allows the original)"
                 ),
             )
+        elif target in tied:
+            rank, reason = None, tied[target]
         else:
             rank, reason = _decide(layer, config, policy.get(target))
         lowrank = method_for(layer, config) == "lowrank"  # cost models/policies model a pair
@@ -268,4 +308,6 @@ def plan_graph(
             if hasattr(method, "detail"):
                 record.detail = method.detail(layer, rank)
         records.append(record)
-    return Plan(records, config)
+    sites = {target: site for target, site, _ in entries}
+    warning = _budget_warning(records, sites, config, cost_model)
+    return Plan(records, config, [warning] if warning else [])

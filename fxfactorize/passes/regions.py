@@ -26,14 +26,24 @@ from tqdm.auto import tqdm
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.errors import CalibrationError, TraceError
+from fxfactorize.methods import Solved
 from fxfactorize.modules.factorized import FactorizedConvNd, FactorizedLinear
 from fxfactorize.optimizers import update_optimizers
-from fxfactorize.passes.calibrate import MomentCollector, calibration_batches
+from fxfactorize.passes.calibrate import (
+    MomentCollector,
+    calibration_batches,
+    calibration_warnings,
+)
 from fxfactorize.passes.cost import annotate_costs
 from fxfactorize.passes.functional import convert_functional_layers
 from fxfactorize.passes.plan import plan_graph
-from fxfactorize.passes.rewrite import has_submodule, replace_submodule, rewrite
-from fxfactorize.passes.shapes import evaluation_mode, normalize_inputs, propagate_shapes
+from fxfactorize.passes.rewrite import has_submodule, install, replace_submodule, rewrite
+from fxfactorize.passes.shapes import (
+    check_example_inputs,
+    evaluation_mode,
+    normalize_inputs,
+    propagate_shapes,
+)
 from fxfactorize.passes.solve import solve_plan, solved_records
 from fxfactorize.passes.trace import DEFAULT_LEAF_MODULES, FactorizeTracer, trace
 from fxfactorize.report import (
@@ -41,9 +51,12 @@ from fxfactorize.report import (
     PartialPlan,
     PartialReport,
     Plan,
-    Report,
     UntracedModule,
+    attach_report,
+    publish,
+    report_of,
 )
+from fxfactorize.sharing import tied_layers
 
 __all__ = [
     "Region",
@@ -256,14 +269,25 @@ def find_regions(
     return regions, untraced
 
 
-def _analyse_region(region: Region, config: FactorizeConfig) -> Plan:
+def _analyse_region(
+    region: Region, config: FactorizeConfig, tied: dict[str, str] | None = None
+) -> Plan:
+    """The region's plan; ``tied`` names the model's tied layers by their qualified names."""
     gm = region.graph
     if config.functional:
         convert_functional_layers(gm)
     placeholders = {node.target for node in gm.graph.nodes if node.op == "placeholder"}
     inputs = {key: value for key, value in region.inputs.items() if key in placeholders}
     annotate_costs(propagate_shapes(gm, inputs))
-    return plan_graph(gm, config)
+    return plan_graph(gm, config, tied=_relative_ties(tied or {}, region))
+
+
+def _relative_ties(tied: dict[str, str], region: Region) -> dict[str, str]:
+    """``tied`` with names made relative to ``region``'s graph."""
+    if region.layer:  # the one-layer wrapper calls it "layer"
+        return {"layer": tied[region.name]} if region.name in tied else {}
+    prefix = f"{region.name}."
+    return {name[len(prefix) :]: reason for name, reason in tied.items() if name.startswith(prefix)}
 
 
 def _check_not_whole(regions: list[Region]) -> None:
@@ -297,10 +321,13 @@ def plan_regions(model: nn.Module, example_inputs: Any, config: FactorizeConfig)
     (['fc'], [('fc', 128)])
     """
     regions, untraced = find_regions(model, example_inputs, config)
-    records = []
+    tied = tied_layers(model)
+    records, warnings = [], []
     for region in regions:
-        records += [_qualify(record, region) for record in _analyse_region(region, config).layers]
-    return PartialPlan(records, config, [region.name for region in regions], untraced)
+        region_plan = _analyse_region(region, config, tied)
+        records += [_qualify(record, region) for record in region_plan.layers]
+        warnings += region_plan.warnings
+    return PartialPlan(records, config, [region.name for region in regions], untraced, warnings)
 
 
 def calibratable_targets(gm: fx.GraphModule, targets: Iterable[str]) -> list[str]:
@@ -369,6 +396,7 @@ def calibrate_regions(
                 tqdm(batches, desc="calibrate", unit="batch", disable=not progress)
             ):
                 try:
+                    check_example_inputs(batch, "the batch")
                     run_model(model, batch)
                 except Exception as error:
                     cause = error.__cause__ or error
@@ -395,9 +423,11 @@ def transform_regions(
 
     With ``calibration``, statistics come from running the whole model on those batches; with
     ``optimizers`` (over ``original``'s parameters, ``original`` defaulting to ``model``), their
-    param groups are updated as :func:`~fxfactorize.transform` does. The report (a
-    :class:`~fxfactorize.report.PartialReport`) is ``model.meta["fxfactorize"]``; :func:`report_of`
-    finds it on any result of ``transform``.
+    param groups are updated as :func:`~fxfactorize.transform` does. Every region is solved before
+    any is installed, so an error leaves ``model`` as it was. A layer module shared by several
+    regions (or names) gets one replacement; its later records name the first (``shared_with``).
+    The report (a :class:`~fxfactorize.report.PartialReport`) is ``model.meta["fxfactorize"]``;
+    :func:`~fxfactorize.report.report_of` finds it on any result of ``transform``.
 
     >>> class Gate(nn.Module):
     ...     def __init__(self):
@@ -411,65 +441,68 @@ def transform_regions(
     """
     started = time.perf_counter() if started is None else started
     original = model if original is None else original
+    tied = tied_layers(model)
     regions, untraced = find_regions(model, example_inputs, config)
     _check_not_whole(regions)
-    plans = [_analyse_region(region, config) for region in regions]
+    plans = [_analyse_region(region, config, tied) for region in regions]
     moments: list[Any] = [None] * len(regions)
     if calibration is not None:
         moments = calibrate_regions(model, regions, plans, calibration, config.progress)
     records: list[LayerRecord] = []
+    first_solved: dict[int, tuple[str, Solved]] = {}  # a layer shared by regions is solved once
+    installs: dict[nn.Module, nn.Module] = {}
     replaced: dict[str, nn.Module] = {}
     for region, the_plan, stats in zip(regions, plans, moments, strict=True):
         gm = region.graph
-        solved = solve_plan(gm, the_plan, stats, progress=config.progress)
-        for target in solved:
-            name = _qualify_target(target, region)
+        try:
+            solved = solve_plan(gm, _unsolved(the_plan, gm, first_solved), stats, config.progress)
+        except ValueError as error:
+            raise ValueError(f"region {region.name!r}: {error}") from error
+        shared_with = {}
+        for record in the_plan.factorized:
+            layer, name = gm.get_submodule(record.target), _qualify_target(record.target, region)
+            if id(layer) in first_solved:
+                shared_with[record.target], solved[record.target] = first_solved[id(layer)]
+            else:
+                first_solved[id(layer)] = (name, solved[record.target])
             if has_submodule(original, name):
                 replaced[name] = original.get_submodule(name)
-        rewrite(gm, {target: result.module for target, result in solved.items()})
-        records += [_qualify(record, region) for record in solved_records(the_plan, solved)]
+        for record in solved_records(the_plan, solved):
+            record.shared_with = shared_with.get(record.target)
+            records.append(_qualify(record, region))
         if solved:  # a region with nothing factorized keeps its original module
-            replace_submodule(model, region.name, gm.layer if region.layer else gm)
-    if optimizers is not None:
-        update_optimizers(optimizers, original, model, replaced)
+            region_module = model.get_submodule(region.name)
+            rewrite(gm, {target: result.module for target, result in solved.items()})
+            installs[region_module] = gm.layer if region.layer else gm
+    warnings = [w for the_plan in plans for w in the_plan.warnings]
+    warnings += [w for p, m in zip(plans, moments, strict=True) for w in calibration_warnings(m, p)]
     report = PartialReport(
         records,
         config,
-        seconds=time.perf_counter() - started,
+        seconds=0.0,
         regions=[region.name for region in regions],
         untraced=untraced,
+        warnings=warnings,
     )
-    _attach(model, report)
-    log.info("%s (partial tracing: %d regions)", report.summary(), len(regions))
+    undo = install(model, installs)
+    try:
+        if optimizers is not None:
+            update_optimizers(optimizers, original, model, replaced)
+    except Exception:
+        undo()  # all or nothing
+        raise
+    report.seconds = time.perf_counter() - started
+    attach_report(model, report)
+    publish(report, f" (partial tracing: {len(regions)} regions)")
     return model
 
 
-def _attach(model: nn.Module, report: Report) -> None:
-    meta = getattr(model, "meta", None)
-    if meta is None:
-        model.meta = {}
-        meta = model.meta
-    if not isinstance(meta, dict):
-        raise TypeError(
-            f"cannot attach the report: {type(model).__name__}.meta exists and is not a dict"
-        )
-    meta["fxfactorize"] = report
-
-
-def report_of(model: nn.Module) -> Report:
-    """The :class:`~fxfactorize.report.Report` that ``transform`` attached to its result.
-
-    A fully traced model returns a GraphModule with the report in ``gm.meta["fxfactorize"]``; a
-    partially traced one returns the original container with it in ``model.meta["fxfactorize"]``.
-
-    >>> import fxfactorize as ff
-    >>> gm = ff.transform(nn.Sequential(nn.Linear(512, 512)), torch.ones(1, 512), progress=False)
-    >>> report_of(gm).factorized[0].rank
-    128
-    """
-    meta = getattr(model, "meta", None)
-    if not isinstance(meta, dict) or "fxfactorize" not in meta:
-        raise ValueError(
-            f"{type(model).__name__} carries no fxfactorize report (not a transform result)"
-        )
-    return meta["fxfactorize"]
+def _unsolved(the_plan: Plan, gm: fx.GraphModule, first_solved: dict[int, Any]) -> Plan:
+    """``the_plan`` without the layers whose module an earlier region already solved."""
+    records = [
+        dataclasses.replace(record, rank=None, reason="solved in an earlier region")
+        if record.factorized and id(gm.get_submodule(record.target)) in first_solved
+        else record
+        for record in the_plan.layers
+    ]
+    return Plan(records, the_plan.config)

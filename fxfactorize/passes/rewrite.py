@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from torch import fx, nn
 
-__all__ = ["has_submodule", "replace_submodule", "rewrite"]
+__all__ = ["has_submodule", "install", "replace_submodule", "rewrite"]
 
 
 def has_submodule(root: nn.Module, target: str) -> bool:
@@ -46,3 +46,41 @@ def rewrite(gm: fx.GraphModule, replacements: Mapping[str, nn.Module]) -> fx.Gra
         replace_submodule(gm, target, module)
     gm.recompile()
     return gm
+
+
+def install(root: nn.Module, replacements: Mapping[nn.Module, nn.Module]) -> Callable[[], None]:
+    """Put each ``old → new`` of ``replacements`` in place of ``old`` under every name it has in
+    ``root`` (two parents, aliases); return a function that undoes it.
+
+    >>> fc = nn.Linear(2, 2)
+    >>> root = nn.Sequential(fc, nn.Sequential(fc))
+    >>> undo = install(root, {fc: nn.Identity()})
+    >>> type(root[0]).__name__, type(root[1][0]).__name__
+    ('Identity', 'Identity')
+    >>> undo(); root[1][0] is fc
+    True
+    """
+    by_id = {id(old): new for old, new in replacements.items()}
+    slots: list[tuple[nn.Module, str, nn.Module]] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:  # every (parent, attribute) holding a replaced module, aliases included
+        parent = stack.pop()
+        if id(parent) in seen:
+            continue
+        seen.add(id(parent))
+        for name, child in parent._modules.items():
+            if child is None:
+                continue
+            if id(child) in by_id:
+                slots.append((parent, name, child))
+            else:
+                stack.append(child)
+    for parent, name, child in slots:
+        setattr(parent, name, by_id[id(child)])
+
+    def undo() -> None:
+        for parent, name, child in slots:
+            setattr(parent, name, child)
+
+    return undo

@@ -14,7 +14,35 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxfactorize.errors import ShapePropagationError
 
-__all__ = ["ShapePropagation", "normalize_inputs", "propagate_shapes"]
+__all__ = ["ShapePropagation", "check_example_inputs", "normalize_inputs", "propagate_shapes"]
+
+
+def check_example_inputs(example_inputs: Any, name: str = "example_inputs") -> None:
+    """``ValueError`` naming the input if a tensor of ``example_inputs`` is empty: shapes and MAC
+    counts taken from zero rows would make every layer look free (nothing would be factorized),
+    and a calibration batch of zero rows says nothing.
+
+    >>> check_example_inputs((torch.ones(2, 3), {"mask": torch.ones(2)}))
+    >>> check_example_inputs({"x": torch.ones(0, 3)})
+    Traceback (most recent call last):
+    ...
+    ValueError: example_inputs['x'] is empty (shape (0, 3)): give at least one row
+    """
+
+    def visit(value: Any, path: str) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.numel() == 0:
+                raise ValueError(
+                    f"{path} is empty (shape {tuple(value.shape)}): give at least one row"
+                )
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                visit(item, f"{path}[{key!r}]")
+        elif isinstance(value, (tuple, list)):
+            for index, item in enumerate(value):
+                visit(item, f"{path}[{index}]")
+
+    visit(example_inputs, name)
 
 
 def normalize_inputs(gm: fx.GraphModule, example_inputs: Any) -> tuple[Any, ...]:
