@@ -17,10 +17,12 @@ from fxfactorize.core.composer_api import factorize_conv2d, factorize_matrix
 from fxfactorize.core.solution import LowRankSolution
 from fxfactorize.equivalence import EquivalenceError, Tolerance, check_equivalence
 from fxfactorize.errors import CalibrationError, FactorizeError, ShapePropagationError, TraceError
-from fxfactorize.modules.conv import FactorizedConv1d, FactorizedConv3d
-from fxfactorize.modules.factorized import (
+from fxfactorize.modules import (
+    FactorizedConv1d,
     FactorizedConv2d,
+    FactorizedConv3d,
     FactorizedLinear,
+    FactorizedPair,
     factorizing_could_speedup,
 )
 from fxfactorize.persistence import LoadError, load, save
@@ -52,6 +54,7 @@ __all__ = [
     "FactorizedConv2d",
     "FactorizedConv3d",
     "FactorizedLinear",
+    "FactorizedPair",
     "LayerRecord",
     "LoadError",
     "LowRankSolution",

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fxfactorize.config import resolve_latent_size, validate_latent_size
-from fxfactorize.modules.factorized import (
+from fxfactorize.core.latent import resolve_latent_size, validate_latent_size
+from fxfactorize.modules import (
     FactorizedConv2d,
     FactorizedLinear,
-    _FactorizedModule,
+    FactorizedPair,
     factorizing_could_speedup,
 )
 from fxfactorize.sharing import tied_layers
@@ -62,7 +62,7 @@ def apply_factorization(
     left_alone = {
         id(child)
         for module in model.modules()
-        if isinstance(module, _FactorizedModule)
+        if isinstance(module, FactorizedPair)
         for child in module.modules()
     }
     for name, reason in tied_layers(model).items():

@@ -18,6 +18,7 @@ from torch import nn
 
 from fxfactorize.core.lowrank import reduced_rank_regression, singular_values
 from fxfactorize.core.moments import InputMoments
+from fxfactorize.layers import grouped_weight
 
 __all__ = [
     "BudgetItem",
@@ -34,7 +35,7 @@ log = logging.getLogger("fxfactorize")
 def error_curve(weight: torch.Tensor, moments: InputMoments | None = None) -> torch.Tensor:
     """Predicted nmse of the best pair at per-group rank ``k``, for ``k = 0 … max_rank``.
 
-    ``weight`` is grouped, ``[G, M_g, D_g]`` (see ``methods.lowrank.grouped_weight``).
+    ``weight`` is grouped, ``[G, M_g, D_g]`` (see :func:`fxfactorize.layers.grouped_weight`).
 
     >>> w = torch.diag(torch.tensor([3.0, 1.0])).unsqueeze(0)
     >>> error_curve(w).tolist()
@@ -156,6 +157,5 @@ def candidate_ranks(
 
 def module_error_curve(module: nn.Module, moments: InputMoments | None) -> torch.Tensor:
     """:func:`error_curve` of a Linear/Conv2d (or an existing pair)."""
-    from fxfactorize.methods.lowrank import grouped_weight  # methods import the passes
 
     return error_curve(grouped_weight(module)[0], moments)

@@ -12,6 +12,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from fxfactorize.config import FactorizeConfig
 from fxfactorize.errors import FactorizeWarning
 
 __all__ = [
@@ -424,8 +425,6 @@ def _config_from_dict(data: dict[str, Any] | None) -> object:
     """A FactorizeConfig when the fields allow one, else the plain dict (e.g. from a newer version)."""
     if data is None:
         return None
-    from fxfactorize.config import FactorizeConfig  # config imports nothing from here; kept lazy
-
     known = {field.name for field in dataclasses.fields(FactorizeConfig)}
     try:
         return FactorizeConfig(**{key: value for key, value in data.items() if key in known})

@@ -13,7 +13,7 @@ from typing import Any
 from tabulate import tabulate
 from torch import fx
 
-from fxfactorize.modules.factorized import _FactorizedModule
+from fxfactorize.modules import FactorizedPair
 
 __all__ = ["changed_nodes", "draw_region", "graphviz_available", "region_nodes", "region_table"]
 
@@ -32,7 +32,7 @@ def changed_nodes(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
-        if node.target in targets or isinstance(gm.get_submodule(node.target), _FactorizedModule):
+        if node.target in targets or isinstance(gm.get_submodule(node.target), FactorizedPair):
             names.append(node.name)
     return names
 
@@ -65,7 +65,7 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op != "call_module":
         return ""
     module = gm.get_submodule(node.target)
-    if isinstance(module, _FactorizedModule):
+    if isinstance(module, FactorizedPair):
         return f"{type(module).__name__}(rank={module.latent_size})"
     return type(module).__name__
 

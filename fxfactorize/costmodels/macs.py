@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from fxfactorize.costmodels.base import LayerSite
+from fxfactorize.costmodels.base import LayerSite, register_cost_model
 
 __all__ = ["MacsCostModel"]
 
 
+@register_cost_model
 class MacsCostModel:
     """Cost is the number of multiply-adds; a pair pays when it has strictly fewer (Composer's rule).
 
-    >>> from fxfactorize.passes.cost import LayerShape
+    >>> from fxfactorize.layers import LayerShape
     >>> site = LayerSite(LayerShape("linear", 512, 512, (), 1, positions=1, bias=True))
     >>> MacsCostModel().cost(site, 128), MacsCostModel().pays(site, 300)
     (131072, False)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from fxfactorize.costmodels.base import LayerSite
+from fxfactorize.costmodels.base import LayerSite, register_cost_model
 from fxfactorize.costmodels.timing import median_seconds
 
 __all__ = ["MeasuredCostModel"]
@@ -16,14 +17,16 @@ __all__ = ["MeasuredCostModel"]
 Timer = Callable[[Callable[[], object]], float]
 
 
+@register_cost_model
 class MeasuredCostModel:
     """Seconds measured by running each candidate on a random input of the traced shape.
 
-    The pair is built with random weights (timing does not depend on their values). With
+    The pair comes from ``site.build`` (the plan's method, weights unsolved: timing does not
+    depend on their values). With
     ``compile=True`` both candidates run under ``torch.compile``. ``timer`` maps a zero-argument
     callable to seconds (default: median of repeats); results are cached per shape and rank.
 
-    >>> from fxfactorize.passes.cost import LayerShape
+    >>> from fxfactorize.layers import LayerShape
     >>> fake = lambda fn: 1.0 if getattr(fn, "rank", None) is None else 0.5
     >>> model = MeasuredCostModel(timer=fake)
     >>> model.timer is fake
@@ -38,28 +41,30 @@ class MeasuredCostModel:
         margin: float = 0.05,
         compile: bool = False,
         timer: Timer | None = None,
-        method: str = "lowrank",
+        method: str | None = None,
     ) -> None:
+        if method is not None:  # the plan now hands over the pair (LayerSite.build)
+            warnings.warn(
+                "MeasuredCostModel(method=...) is deprecated and ignored: the plan builds the "
+                "pair of the layer's own method",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         self.margin = margin
         self.compile = compile
         self.timer = timer or median_seconds
-        self.method = method
         self._cache: dict[tuple, float] = {}
 
     def _candidate(self, site: LayerSite, rank: int | None) -> nn.Module:
-        from fxfactorize.methods import get_method  # the registry imports the cost pass
-
-        if site.module is None or site.input_shape is None:
+        if site.module is None or site.input_shape is None or site.build is None:
             raise ValueError(
-                "cost_model='measured' needs the module and its input shape; "
-                f"got module={type(site.module).__name__}, input_shape={site.input_shape}"
+                "cost_model='measured' needs the module, its input shape and a pair builder; "
+                f"got module={type(site.module).__name__}, input_shape={site.input_shape}, "
+                f"build={site.build}"
             )
         if rank is None:
             return copy.deepcopy(site.module)  # timing must not touch the caller's module
-        bias = getattr(site.module, "bias", None) is not None
-        return get_method(self.method).rebuild(
-            site.module, site.layer, {"rank": rank, "bias": bias}
-        )
+        return site.build(rank)
 
     def cost(self, site: LayerSite, rank: int | None) -> float:
         key = (site.layer, site.input_shape, site.dtype, site.device, rank)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fxfactorize.costmodels.base import LayerSite
+from fxfactorize.costmodels.base import LayerSite, register_cost_model
 from fxfactorize.costmodels.timing import median_seconds
 
 __all__ = [
@@ -173,10 +173,11 @@ def device_profile(device: str = "cpu", dtype: torch.dtype = torch.float32) -> D
     return profile
 
 
+@register_cost_model
 class RooflineCostModel:
     """Predicted seconds of the layer at its traced shape; a pair must win by ``margin``.
 
-    >>> from fxfactorize.passes.cost import LayerShape
+    >>> from fxfactorize.layers import LayerShape
     >>> model = RooflineCostModel(profile=DeviceProfile(1e11, 1e10, 1e-5))
     >>> site = LayerSite(LayerShape("linear", 2048, 8192, (), 1, positions=64, bias=True))
     >>> model.pays(site, 256), model.pays(site, 1800)

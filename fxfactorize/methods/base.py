@@ -8,9 +8,19 @@ from typing import Protocol
 from torch import nn
 
 from fxfactorize.core.moments import InputMoments
-from fxfactorize.passes.cost import LayerShape
+from fxfactorize.layers import LayerShape
 
-__all__ = ["Method", "Solved", "get_method", "register_method", "registered_methods"]
+__all__ = [
+    "DEFAULT_METHOD",
+    "Method",
+    "Solved",
+    "get_method",
+    "register_method",
+    "registered_methods",
+]
+
+#: The method for layers the configured method does not handle (Composer's rank-r pair).
+DEFAULT_METHOD = "lowrank"
 
 
 @dataclasses.dataclass
@@ -25,15 +35,25 @@ class Solved:
 
 
 class Method(Protocol):
-    """What a factorization method provides to the pipeline."""
+    """What a factorization method provides to the pipeline; the passes call nothing else.
+
+    ``kinds`` are the layer kinds it replaces (``"linear"``, ``"conv2d"``, ...); ``is_pair`` says
+    that its replacement at rank ``r`` is the rank-r pair the cost models price and whose error
+    the rank policies predict from the spectrum (other methods are planned by MACs alone).
+    """
 
     name: str
+    kinds: tuple[str, ...]
+    is_pair: bool
 
     def accepts(self, layer: LayerShape) -> str | None:
         """``None`` if this method can factorize ``layer``, else the reason it cannot."""
 
     def cost(self, layer: LayerShape, rank: int) -> tuple[int, int]:
         """``(MACs, params)`` of the replacement at ``rank``."""
+
+    def detail(self, layer: LayerShape, rank: int) -> str | None:
+        """A description of the replacement's structure for the report (``None``: the rank says all)."""
 
     def solve(
         self, module: nn.Module, layer: LayerShape, rank: int, moments: InputMoments | None

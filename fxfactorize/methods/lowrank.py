@@ -7,32 +7,22 @@ from torch import nn
 from fxfactorize.core.lowrank import factorize_weight
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.solution import LowRankSolution
-from fxfactorize.methods.base import Solved
-from fxfactorize.modules.conv import FactorizedConv1d, FactorizedConv3d
-from fxfactorize.modules.factorized import FactorizedConv2d, FactorizedConvNd, FactorizedLinear
-from fxfactorize.passes.cost import LayerShape
+from fxfactorize.layers import LayerShape, conv_arguments, grouped_weight, layer_kind
+from fxfactorize.methods.base import Solved, register_method
+from fxfactorize.modules import (
+    FactorizedConv1d,
+    FactorizedConv2d,
+    FactorizedConv3d,
+    FactorizedLinear,
+)
 
-__all__ = ["LowRankMethod", "grouped_weight", "solution_from_factors"]
-
-
-def grouped_weight(module: nn.Module) -> tuple:
-    """``(weight [G, M_g, D_g], bias)`` of a Linear, a Conv2d or an existing factorized pair."""
-    if isinstance(module, (FactorizedLinear, FactorizedConvNd)):
-        first, second = module.module0.weight, module.module1.weight
-        groups = module.groups
-        rank_g = first.shape[0] // groups
-        a = first.reshape(groups, rank_g, -1)
-        b = second.reshape(groups, -1, rank_g)
-        return b @ a, module.module1.bias
-    weight = module.weight
-    groups = getattr(module, "groups", 1)
-    return weight.reshape(groups, weight.shape[0] // groups, -1), module.bias
+__all__ = ["LowRankMethod", "grouped_weight", "solution_from_factors"]  # grouped_weight: old home
 
 
 def solution_from_factors(module: nn.Module, factors, rank: int) -> LowRankSolution:
     """Lay grouped factors out as Composer's ``LowRankSolution`` for ``module``'s kind."""
     first, second = factors.first, factors.second
-    if isinstance(module, (nn.Linear, FactorizedLinear)):
+    if layer_kind(module) == "linear":
         return LowRankSolution(first[0].T, second[0].T, factors.bias, rank, factors.nmse)
     kernel = tuple(module.kernel_size)
     groups = first.shape[0]
@@ -43,21 +33,25 @@ def solution_from_factors(module: nn.Module, factors, rank: int) -> LowRankSolut
 
 
 _CONV_PAIRS = {"conv1d": FactorizedConv1d, "conv2d": FactorizedConv2d, "conv3d": FactorizedConv3d}
-_KINDS = ("linear", *_CONV_PAIRS)
 
 
 class LowRankMethod:
     """Handler of ``method="lowrank"``: a Linear or Conv1d/2d/3d becomes a rank-r pair."""
 
     name = "lowrank"
+    kinds = ("linear", *_CONV_PAIRS)
+    is_pair = True
 
     def accepts(self, layer: LayerShape) -> str | None:
-        if layer.kind not in _KINDS:
+        if layer.kind not in self.kinds:
             return f"method 'lowrank' does not handle {layer.kind}"
         return None
 
     def cost(self, layer: LayerShape, rank: int) -> tuple[int, int]:
         return layer.factorized_macs(rank), layer.factorized_params(rank)
+
+    def detail(self, layer: LayerShape, rank: int) -> str | None:
+        return None
 
     def solve(
         self, module: nn.Module, layer: LayerShape, rank: int, moments: InputMoments | None
@@ -70,7 +64,7 @@ class LowRankMethod:
         return Solved(new, factors.nmse, factors.nmse_source, has_bias)
 
     def describe(self, replacement: nn.Module) -> dict:
-        return {"rank": replacement.latent_size, "bias": replacement.module1.bias is not None}
+        return {"rank": replacement.latent_size, "bias": replacement.has_bias}
 
     def rebuild(self, module: nn.Module, layer: LayerShape, spec: dict) -> nn.Module:
         reference = grouped_weight(module)[0]
@@ -89,18 +83,10 @@ class LowRankMethod:
                 bias=has_bias,
                 groups=layer.groups,
                 **like,
-                **_conv_kwargs(module),
+                **conv_arguments(module),
             )
         new.train(module.training)
         return new
 
 
-def _conv_kwargs(module: nn.Module) -> dict:
-    if isinstance(module, FactorizedConvNd):
-        return dict(module.convolution_kwargs)
-    return {
-        "stride": module.stride,
-        "padding": module.padding,
-        "dilation": module.dilation,
-        "padding_mode": module.padding_mode,
-    }
+register_method(LowRankMethod())

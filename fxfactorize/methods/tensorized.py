@@ -12,8 +12,8 @@ from torch import nn
 
 from fxfactorize.core.lowrank import output_nmse
 from fxfactorize.core.moments import InputMoments
-from fxfactorize.methods.base import Solved
-from fxfactorize.passes.cost import LayerShape
+from fxfactorize.layers import LayerShape
+from fxfactorize.methods.base import Solved, register_method
 from fxfactorize.tensorized.layer import FactorizedLinear, forward_macs
 from fxfactorize.tensorized.ranks import resolve_ranks
 from fxfactorize.tensorized.structure import FORMATS, Structure
@@ -27,13 +27,15 @@ N_MODES = 3
 class TensorizedMethod:
     """Handler of one tensorized format (``method='cp'`` etc.) for ``nn.Linear`` nodes.
 
-    >>> from fxfactorize.passes.cost import LayerShape
+    >>> from fxfactorize.layers import LayerShape
     >>> layer = LayerShape("linear", 1024, 1024, (), 1, positions=64, bias=True)
     >>> TensorizedMethod("blocktt").detail(layer, 128)
     'blocktt (8, 8, 16)→(8, 8, 16) ranks (1, 61, 62, 1)'
     """
 
     implementation = "auto"  # the pass's layers pick the cheaper forward per batch
+    kinds = ("linear",)
+    is_pair = False
 
     def __init__(self, factorization: str) -> None:
         self.name = factorization
@@ -114,7 +116,10 @@ class TensorizedMethod:
         return new
 
 
-def register_tensorized_methods(register) -> None:
-    """Register one :class:`TensorizedMethod` per format with ``register``."""
+def register_tensorized_methods(register=register_method) -> None:
+    """Register one :class:`TensorizedMethod` per format (done when this module is imported)."""
     for name in FORMATS:
         register(TensorizedMethod(name))
+
+
+register_tensorized_methods()

@@ -9,7 +9,6 @@ whatever the number of batches; the statistics are sums, so results of several r
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ from fxfactorize.core.composer_api import accumulate_rows
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.patches import conv_patch_rows
 from fxfactorize.errors import CalibrationError
-from fxfactorize.modules.factorized import FactorizedConvNd, FactorizedLinear
+from fxfactorize.layers import conv_arguments, describe_module, layer_kind
 from fxfactorize.passes.shapes import check_example_inputs, evaluation_mode, normalize_inputs
 
 __all__ = ["MomentCollector", "calibrate", "calibration_batches", "calibration_warnings"]
@@ -37,29 +36,6 @@ class _NonFiniteInput(ValueError):
         self.target = target  # kept apart: fx may append its own context to the message
 
 
-def _layer_geometry(module: nn.Module) -> tuple[str, int, int]:
-    """``(kind, in_features, groups)`` of a supported layer; ``TypeError`` for anything else."""
-    if isinstance(module, (nn.Linear, FactorizedLinear)):
-        return "linear", module.in_features, 1
-    if isinstance(module, FactorizedConvNd):
-        return f"conv{module.dims}d", module.in_channels, module.groups
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return f"conv{module.weight.dim() - 2}d", module.in_channels, module.groups
-    raise TypeError(
-        f"cannot calibrate a {type(module).__name__}; only Linear and Conv1d/2d/3d layers"
-    )
-
-
-def _conv_geometry(module: nn.Module) -> dict[str, Any]:
-    conv = module.module0 if isinstance(module, FactorizedConvNd) else module
-    return {
-        "stride": conv.stride,
-        "padding": conv.padding,
-        "dilation": conv.dilation,
-        "padding_mode": conv.padding_mode,
-    }
-
-
 class MomentCollector(fx.Interpreter):
     """Runs a GraphModule and accumulates the inputs of the layers in ``targets`` into ``moments``."""
 
@@ -69,7 +45,10 @@ class MomentCollector(fx.Interpreter):
         self._layers: dict[str, nn.Module] = {}
         for target in targets:
             module = gm.get_submodule(target)
-            _layer_geometry(module)  # fail early on an unsupported layer
+            if layer_kind(module) is None:  # fail early on an unsupported layer
+                raise TypeError(
+                    f"cannot calibrate a {type(module).__name__}; only Linear and Conv1d/2d/3d layers"
+                )
             self._layers[target] = module
 
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
@@ -81,16 +60,13 @@ class MomentCollector(fx.Interpreter):
     def _add(self, target: str, module: nn.Module, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
             raise _NonFiniteInput(target)
-        kind, in_features, groups = _layer_geometry(module)
-        dim = in_features // groups
-        if kind == "linear":
-            chunks = [x.reshape(-1, in_features)]
+        layer = describe_module(module)
+        if layer.kind == "linear":
+            chunks = [x.reshape(-1, layer.in_features)]
         else:
-            kernel = tuple(module.kernel_size)
-            dim *= math.prod(kernel)
-            chunks = conv_patch_rows(x, kernel, **_conv_geometry(module))
+            chunks = conv_patch_rows(x, layer.kernel, **conv_arguments(module))
         if target not in self.moments:
-            self.moments[target] = InputMoments.zeros(dim, groups, device=x.device)
+            self.moments[target] = InputMoments.zeros(layer.fan_in, layer.groups, device=x.device)
         for rows in chunks:
             accumulate_rows(self.moments[target], rows)
 

@@ -6,13 +6,14 @@ import math
 from collections.abc import Mapping
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from fxfactorize.config import FactorizeConfig, resolve_latent_size
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.costmodels import CostModel, LayerSite, get_cost_model
-from fxfactorize.methods import get_method
-from fxfactorize.passes.cost import LAYER_META, LayerShape
+from fxfactorize.layers import OP_NAMES, LayerShape
+from fxfactorize.methods import DEFAULT_METHOD, get_method
+from fxfactorize.passes.cost import LAYER_META
 from fxfactorize.policies import (
     BudgetItem,
     allocate_budget,
@@ -23,8 +24,6 @@ from fxfactorize.policies import (
 from fxfactorize.report import LayerRecord, Plan
 
 __all__ = ["candidate_targets", "method_for", "plan_graph"]
-
-_OP_NAMES = {"linear": "Linear", "conv1d": "Conv1d", "conv2d": "Conv2d", "conv3d": "Conv3d"}
 
 
 def _layer_nodes(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, LayerShape]]:
@@ -44,12 +43,14 @@ def _layer_nodes(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, LayerShape]]:
 
 
 def method_for(layer: LayerShape, config: FactorizeConfig) -> str:
-    """The method for ``layer``: ``config.method`` for Linear nodes; convs keep ``'lowrank'``.
+    """The method for ``layer``: ``config.method`` if it handles the layer's kind, else the
+    default (a tensorized format takes Linear nodes; convs keep the rank-r pair).
 
     >>> method_for(LayerShape("conv2d", 8, 8, (3, 3), 1, 1, False), FactorizeConfig(method="tt"))
     'lowrank'
     """
-    return config.method if layer.kind == "linear" else "lowrank"
+    chosen = get_method(config.method)
+    return chosen.name if layer.kind in chosen.kinds else DEFAULT_METHOD
 
 
 def _skip_reason(layer: LayerShape, config: FactorizeConfig) -> str | None:
@@ -107,16 +108,25 @@ def _decide(
     return rank, None
 
 
-def _site(gm: fx.GraphModule, node: fx.Node, layer: LayerShape) -> LayerSite:
-    """Where ``node``'s layer runs: module, input shape, dtype and device, for the cost model."""
+def _site(
+    gm: fx.GraphModule, node: fx.Node, layer: LayerShape, config: FactorizeConfig
+) -> LayerSite:
+    """Where ``node``'s layer runs: module, input shape, dtype, device and how to build its pair,
+    for the cost model."""
     module = gm.get_submodule(node.target)
+    method = get_method(method_for(layer, config))
+    has_bias = getattr(module, "bias", None) is not None
+
+    def build(rank: int) -> nn.Module:
+        return method.rebuild(module, layer, {"rank": rank, "bias": has_bias})
+
     source = node.args[0] if node.args else None
     meta = source.meta.get("tensor_meta") if isinstance(source, fx.Node) else None
     shape = tuple(meta.shape) if getattr(meta, "shape", None) is not None else None
     weight = next(module.parameters(), None)
     dtype = weight.dtype if weight is not None else torch.float32
     device = str(weight.device) if weight is not None else "cpu"
-    return LayerSite(layer, module, shape, dtype, device)
+    return LayerSite(layer, module, shape, dtype, device, build if method.is_pair else None)
 
 
 def _too_slow(site: LayerSite, rank: int, cost_model: CostModel) -> str | None:
@@ -164,7 +174,7 @@ def _policy_ranks(
     considered = [
         (target, site)
         for target, site, reason in entries
-        if reason is None and method_for(site.layer, config) == "lowrank"
+        if reason is None and get_method(method_for(site.layer, config)).is_pair
     ]
     curves = {
         target: _error_curve(target, site, nodes[target], moments) for target, site in considered
@@ -206,7 +216,8 @@ def _budget_warning(
         return None
     before = sum(cost_model.cost(sites[r.target], None) for r in records)
     after = sum(
-        cost_model.cost(sites[r.target], r.rank if r.method == "lowrank" else None) for r in records
+        cost_model.cost(sites[r.target], r.rank if get_method(r.method).is_pair else None)
+        for r in records
     )
     if before <= 0 or after <= config.budget * before * (1 + 1e-9):
         return None
@@ -262,7 +273,7 @@ def plan_graph(
     layers = _layer_nodes(gm)
     tied = tied or {}
     entries = [
-        (target, _site(gm, node, layer), tied.get(target) or _skip_reason(layer, config))
+        (target, _site(gm, node, layer, config), tied.get(target) or _skip_reason(layer, config))
         for target, (node, layer) in layers.items()
     ]
     policy: dict[str, int | None] = {}
@@ -283,16 +294,19 @@ def plan_graph(
             rank, reason = None, tied[target]
         else:
             rank, reason = _decide(layer, config, policy.get(target))
-        lowrank = method_for(layer, config) == "lowrank"  # cost models/policies model a pair
-        if lowrank and rank is not None and not (config.budget is not None and target in policy):
+        method = get_method(method_for(layer, config))
+        if (
+            method.is_pair
+            and rank is not None
+            and not (config.budget is not None and target in policy)
+        ):
             rank = _round_rank(site, rank, config, cost_model)
             reason = _too_slow(site, rank, cost_model)
             rank = None if reason else rank
-        method = get_method(method_for(layer, config))
         record = LayerRecord(
             node=node.name,
             target=str(target),
-            op=_OP_NAMES.get(layer.kind, layer.kind),
+            op=OP_NAMES.get(layer.kind, layer.kind),
             in_features=layer.in_features,
             out_features=layer.out_features,
             kernel=layer.kernel,
@@ -305,8 +319,7 @@ def plan_graph(
         )
         if rank is not None:
             record.macs_after, record.params_after = method.cost(layer, rank)
-            if hasattr(method, "detail"):
-                record.detail = method.detail(layer, rank)
+            record.detail = method.detail(layer, rank)
         records.append(record)
     sites = {target: site for target, site, _ in entries}
     warning = _budget_warning(records, sites, config, cost_model)

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.errors import CalibrationError, TraceError
+from fxfactorize.layers import PLAIN_LAYERS, layer_kind
 from fxfactorize.methods import Solved
-from fxfactorize.modules.factorized import FactorizedConvNd, FactorizedLinear
 from fxfactorize.optimizers import update_optimizers
 from fxfactorize.passes.calibrate import (
     MomentCollector,
@@ -70,7 +70,6 @@ __all__ = [
 
 log = logging.getLogger("fxfactorize")
 
-_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TORCH_LEAVES = FactorizeTracer()  # only its is_leaf_module is used: torch.fx's own leaf rule
 
 
@@ -245,7 +244,7 @@ def find_regions(
             for child_name, child in module.named_children():
                 visit(child, f"{name}.{child_name}" if name else child_name)
             return
-        layer = isinstance(module, _LAYER_TYPES)
+        layer = isinstance(module, PLAIN_LAYERS)
         if name and not layer and _TORCH_LEAVES.is_leaf_module(module, name):
             return  # a torch.nn layer with nothing to factorize (Embedding, LayerNorm, ...)
         inputs = _bound_inputs(module, *calls[name])
@@ -341,8 +340,7 @@ def calibratable_targets(gm: fx.GraphModule, targets: Iterable[str]) -> list[str
     >>> calibratable_targets(gm, [r.target for r in p.factorized])
     ['0', '2']
     """
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, FactorizedLinear, FactorizedConvNd)
-    return [target for target in targets if isinstance(gm.get_submodule(target), kinds)]
+    return [target for target in targets if layer_kind(gm.get_submodule(target)) is not None]
 
 
 class _Collecting(nn.Module):

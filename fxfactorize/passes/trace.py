@@ -8,7 +8,7 @@ from typing import Any
 from torch import fx, nn
 
 from fxfactorize.errors import TraceError
-from fxfactorize.modules.factorized import _FactorizedModule
+from fxfactorize.layers import FactorizedLayer
 
 __all__ = ["DEFAULT_LEAF_MODULES", "FactorizeTracer", "trace"]
 
@@ -33,7 +33,7 @@ class FactorizeTracer(fx.Tracer):
         self.leaf_names = frozenset(leaf for leaf in leaves if isinstance(leaf, str))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (_FactorizedModule, *self.leaf_types)):
+        if isinstance(m, (FactorizedLayer, *self.leaf_types)):
             return True
         if module_qualified_name in self.leaf_names:
             return True
