@@ -9,19 +9,22 @@ from typing import Any
 
 from torch import fx, nn
 
+from fxfactorize.calling import check_example_inputs
 from fxfactorize.config import FactorizeConfig
-from fxfactorize.errors import TraceError
 from fxfactorize.optimizers import as_optimizer_list, update_optimizers
-from fxfactorize.passes.calibrate import calibrate, calibration_batches, calibration_warnings
-from fxfactorize.passes.cost import annotate_costs
-from fxfactorize.passes.functional import convert_functional_layers
-from fxfactorize.passes.plan import candidate_targets, plan_graph
-from fxfactorize.passes.regions import calibratable_targets, plan_regions, transform_regions
-from fxfactorize.passes.rewrite import has_submodule, install, rewrite
-from fxfactorize.passes.shapes import check_example_inputs, propagate_shapes
-from fxfactorize.passes.solve import solve_plan, solved_records
-from fxfactorize.passes.trace import trace
-from fxfactorize.report import REPORT_META, Plan, Report, publish
+from fxfactorize.passes.calibrate import calibration_batches
+from fxfactorize.passes.pipeline import Outcome, analyse, plan_regions, run_pipeline
+from fxfactorize.passes.regions import Region, regions_of
+from fxfactorize.passes.rewrite import has_submodule, install
+from fxfactorize.report import (
+    PartialPlan,
+    PartialReport,
+    Plan,
+    Report,
+    UntracedModule,
+    attach_report,
+    publish,
+)
 from fxfactorize.sharing import tied_layers
 
 __all__ = ["plan", "transform"]
@@ -32,16 +35,6 @@ log = logging.getLogger("fxfactorize")
 def _check_model(model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-
-
-def _analyse(
-    model: nn.Module, example_inputs: Any, config: FactorizeConfig, tied: dict[str, str]
-) -> tuple[fx.GraphModule, Plan]:
-    gm = trace(model, config.leaf_modules)
-    if config.functional:
-        convert_functional_layers(gm)
-    annotate_costs(propagate_shapes(gm, example_inputs))
-    return gm, plan_graph(gm, config, tied=tied)
 
 
 def plan(
@@ -65,12 +58,14 @@ def plan(
     _check_model(model)
     config = FactorizeConfig.build(config, **overrides)
     check_example_inputs(example_inputs)
-    try:
-        return _analyse(model, example_inputs, config, tied_layers(model))[1]
-    except TraceError:
-        if config.on_untraceable == "raise":
-            raise
-    return plan_regions(model, example_inputs, config)
+    regions, untraced = regions_of(model, example_inputs, config)
+    for region in regions:
+        analyse(region, config)
+    the_plan, _ = plan_regions(regions, config, tied_layers(model))
+    if untraced is None:
+        return the_plan
+    names = [region.name for region in regions]
+    return PartialPlan(the_plan.layers, config, names, untraced, the_plan.warnings)
 
 
 def transform(
@@ -136,47 +131,33 @@ def transform(
     optimizers = None if optimizers is None else as_optimizer_list(optimizers)
     batches = None if calibration is None else calibration_batches(calibration)
     working = model if inplace else copy.deepcopy(model)
-    tied = tied_layers(working)
+    regions, untraced = regions_of(working, example_inputs, config)
+    outcome = run_pipeline(working, regions, config, batches, tied_layers(working))
+    result = regions[0].graph if untraced is None else working
+    report = _report(outcome, config, regions, untraced)
+    replaced = {t: model.get_submodule(t) for t in outcome.solved if has_submodule(model, t)}
+    undo = install(working, outcome.regions)  # a partial result: its regions become graphs
     try:
-        gm, the_plan = _analyse(working, example_inputs, config, tied)
-    except TraceError:  # the root does not trace: transform its largest traceable submodules
-        if config.on_untraceable == "raise":
-            raise
-        return transform_regions(
-            working, example_inputs, config, started, batches, optimizers, original=model
-        )
-    moments = None
-    if batches is not None:
-        gm, the_plan, moments = _calibrate(gm, the_plan, batches, config, tied)
-    solved = solve_plan(gm, the_plan, moments, progress=config.progress)
-    replacements = {target: result.module for target, result in solved.items()}
-    originals = {t: gm.get_submodule(t) for t in replacements}
-    rewrite(gm, replacements)  # gm is the pass's own object: the caller's model is not touched yet
-    warnings = the_plan.warnings + calibration_warnings(moments, the_plan)
-    report = Report(solved_records(the_plan, solved), config, 0.0, warnings)
-    if optimizers is not None:
-        replaced = {t: model.get_submodule(t) for t in replacements if has_submodule(model, t)}
-        update_optimizers(optimizers, model, gm, replaced)
-    if inplace:
-        install(model, {originals[t]: module for t, module in replacements.items()})
+        if optimizers is not None:
+            update_optimizers(optimizers, model, result, replaced)
+    except Exception:
+        undo()  # all or nothing
+        raise
+    if inplace and untraced is None:
+        install(model, outcome.layers)
     report.seconds = time.perf_counter() - started
-    gm.meta[REPORT_META] = report
-    publish(report)
-    return gm
+    attach_report(result, report)
+    publish(report, "" if untraced is None else f" (partial tracing: {len(regions)} regions)")
+    return result
 
 
-def _calibrate(
-    gm: fx.GraphModule, the_plan: Plan, batches: Any, config: FactorizeConfig, tied: dict
-) -> tuple[fx.GraphModule, Plan, dict]:
-    """Statistics of the planned layers (of every candidate for tolerance/budget, which then
-    re-plan on them)."""
-    replan = config.tolerance is not None or config.budget is not None
-    if replan:  # these policies predict errors from the statistics: calibrate every candidate
-        targets = candidate_targets(gm, config, tied)
-    else:
-        targets = [record.target for record in the_plan.factorized]
-    targets = calibratable_targets(gm, targets)
-    moments = calibrate(gm, targets, batches, progress=config.progress)
-    if replan:
-        the_plan = plan_graph(gm, config, moments=moments, tied=tied)
-    return gm, the_plan, moments
+def _report(
+    outcome: Outcome,
+    config: FactorizeConfig,
+    regions: list[Region],
+    untraced: list[UntracedModule] | None,
+) -> Report:
+    if untraced is None:
+        return Report(outcome.records, config, 0.0, outcome.warnings)
+    names = [region.name for region in regions]
+    return PartialReport(outcome.records, config, 0.0, names, untraced, outcome.warnings)

@@ -174,7 +174,7 @@ def test_an_error_in_the_last_region_leaves_an_in_place_model_bit_identical():
     with torch.no_grad():
         model.right[0].weight[3, 5] = float("nan")
     modules, state = _state(model)
-    with pytest.raises(ValueError, match="region 'right'.* NaN"):
+    with pytest.raises(ValueError, match=r"graph node 'right._0' \(right.0\).* NaN"):
         ff.transform(model, torch.rand(4, WIDTH), inplace=True, **OPTIONS)
     after_modules, after_state = _state(model)
     assert after_modules == modules

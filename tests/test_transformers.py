@@ -15,7 +15,7 @@ from torch import fx, nn
 
 import fxfactorize as ff
 from fxfactorize.errors import TraceError
-from fxfactorize.passes.regions import _Collecting
+from fxfactorize.passes.pipeline import _Collecting
 
 WIDTH, HIDDEN, VOCAB, RANK = 64, 128, 50, 8
 

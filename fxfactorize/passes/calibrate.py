@@ -9,21 +9,27 @@ whatever the number of batches; the statistics are sums, so results of several r
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from fxfactorize.calling import check_example_inputs, evaluation_mode, normalize_inputs
 from fxfactorize.core.composer_api import accumulate_rows
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.patches import conv_patch_rows
 from fxfactorize.errors import CalibrationError
 from fxfactorize.layers import conv_arguments, describe_module, layer_kind
-from fxfactorize.passes.shapes import check_example_inputs, evaluation_mode, normalize_inputs
 
-__all__ = ["MomentCollector", "calibrate", "calibration_batches", "calibration_warnings"]
+__all__ = [
+    "MomentCollector",
+    "calibrate",
+    "calibration_batches",
+    "calibration_warnings",
+    "run_calibration",
+]
 
 log = logging.getLogger("fxfactorize")
 
@@ -37,12 +43,19 @@ class _NonFiniteInput(ValueError):
 
 
 class MomentCollector(fx.Interpreter):
-    """Runs a GraphModule and accumulates the inputs of the layers in ``targets`` into ``moments``."""
+    """Runs a GraphModule and accumulates the inputs of the layers in ``targets`` into ``moments``.
 
-    def __init__(self, gm: fx.GraphModule, targets: Iterable[str]) -> None:
+    NaN or Inf at a layer's input raises an error naming the layer by ``qualify(target)`` (its
+    name in the model when ``gm`` is a region of it).
+    """
+
+    def __init__(
+        self, gm: fx.GraphModule, targets: Iterable[str], qualify: Callable[[str], str] = str
+    ) -> None:
         super().__init__(gm)
         self.moments: dict[str, InputMoments] = {}
         self._layers: dict[str, nn.Module] = {}
+        self._qualify = qualify
         for target in targets:
             module = gm.get_submodule(target)
             if layer_kind(module) is None:  # fail early on an unsupported layer
@@ -59,7 +72,7 @@ class MomentCollector(fx.Interpreter):
 
     def _add(self, target: str, module: nn.Module, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
-            raise _NonFiniteInput(target)
+            raise _NonFiniteInput(self._qualify(target))
         layer = describe_module(module)
         if layer.kind == "linear":
             chunks = [x.reshape(-1, layer.in_features)]
@@ -76,6 +89,42 @@ def _node_of(gm: fx.GraphModule, target: str) -> str:
         if node.op == "call_module" and node.target == target:
             return node.name
     return target
+
+
+def run_calibration(
+    batches: Iterable[Any],
+    run_batch: Callable[[Any], None],
+    *,
+    name_of: Callable[[str], str],
+    progress: bool = True,
+) -> int:
+    """Run ``run_batch`` on every batch (no grad); return how many ran. Errors name the batch:
+    a batch that is empty or does not fit is a :class:`CalibrationError`, NaN or Inf reaching a
+    collected layer a ``ValueError`` naming it (``name_of(target)``).
+
+    >>> run_calibration([torch.ones(2, 3)], lambda batch: None, name_of=str, progress=False)
+    1
+    """
+    seen = 0
+    with torch.no_grad():
+        for index, batch in enumerate(
+            tqdm(calibration_batches(batches), desc="calibrate", unit="batch", disable=not progress)
+        ):
+            try:
+                check_example_inputs(batch, "the batch")
+                run_batch(batch)
+            except _NonFiniteInput as error:
+                raise ValueError(
+                    f"calibration batch {index} gives NaN or Inf at the input of "
+                    f"{name_of(error.target)}"
+                ) from None
+            except Exception as error:
+                cause = error.__cause__ or error
+                raise CalibrationError(index, f"{type(cause).__name__}: {cause}") from error
+            seen += 1
+    if seen == 0:
+        raise ValueError("calibration has no batches")
+    return seen
 
 
 def calibrate(
@@ -108,30 +157,17 @@ def calibrate(
     (12, 3)
     """
     collector = MomentCollector(gm, targets)
-    seen = 0
-    with torch.no_grad(), evaluation_mode(gm):
-        for index, batch in enumerate(
-            tqdm(batches, desc="calibrate", unit="batch", disable=not progress)
-        ):
-            try:
-                check_example_inputs(batch, "the batch")
-                args = normalize_inputs(gm, batch)
-            except (TypeError, ValueError) as error:
-                raise CalibrationError(index, str(error)) from error
-            try:
-                collector.run(*args)
-            except _NonFiniteInput as error:
-                target = error.target
-                raise ValueError(
-                    f"calibration batch {index} gives NaN or Inf at the input of graph node "
-                    f"{_node_of(gm, target)!r} ({target})"
-                ) from None
-            except Exception as error:
-                cause = error.__cause__ or error
-                raise CalibrationError(index, f"{type(cause).__name__}: {cause}") from error
-            seen += 1
-    if seen == 0:
-        raise ValueError("calibration has no batches")
+
+    def run_batch(batch: Any) -> None:
+        collector.run(*normalize_inputs(gm, batch))
+
+    with evaluation_mode(gm):
+        seen = run_calibration(
+            batches,
+            run_batch,
+            name_of=lambda target: f"graph node {_node_of(gm, target)!r} ({target})",
+            progress=progress,
+        )
     log.debug("calibrated %d layer(s) over %d batch(es)", len(collector.moments), seen)
     return collector.moments
 

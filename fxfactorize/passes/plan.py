@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import fx, nn
@@ -23,7 +24,14 @@ from fxfactorize.policies import (
 )
 from fxfactorize.report import LayerRecord, Plan
 
-__all__ = ["candidate_targets", "method_for", "plan_graph"]
+__all__ = [
+    "LayerEntry",
+    "candidate_targets",
+    "layer_entries",
+    "method_for",
+    "plan_graph",
+    "plan_layers",
+]
 
 
 def _layer_nodes(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, LayerShape]]:
@@ -151,41 +159,37 @@ def _round_rank(site: LayerSite, rank: int, config: FactorizeConfig, cost_model:
     return rank
 
 
-def _error_curve(
-    target: str, site: LayerSite, node: fx.Node, moments: Mapping[str, InputMoments] | None
-) -> torch.Tensor:
+def _error_curve(entry: LayerEntry, moments: Mapping[str, InputMoments] | None) -> torch.Tensor:
     """The layer's predicted nmse per rank; ``ValueError`` naming the node for non-finite weights."""
-    if not all(torch.isfinite(p).all() for p in site.module.parameters()):
+    module = entry.site.module
+    if not all(torch.isfinite(p).all() for p in module.parameters()):
         raise ValueError(
-            f"graph node {node.name!r} ({target}) has NaN or Inf weights: cannot predict its errors"
+            f"graph node {entry.node!r} ({entry.target}) has NaN or Inf weights: cannot predict "
+            "its errors"
         )
-    return module_error_curve(site.module, None if moments is None else moments.get(target))
+    return module_error_curve(module, None if moments is None else moments.get(entry.target))
 
 
 def _policy_ranks(
-    gm: fx.GraphModule,
-    entries: list[tuple[str, LayerSite, str | None]],
+    entries: list[LayerEntry],
     config: FactorizeConfig,
     cost_model: CostModel,
     moments: Mapping[str, InputMoments] | None,
 ) -> dict[str, int | None]:
     """The rank the tolerance or budget policy gives each considered layer (``None``: keep it)."""
-    nodes = {target: node for target, (node, _) in _layer_nodes(gm).items()}
     considered = [
-        (target, site)
-        for target, site, reason in entries
-        if reason is None and get_method(method_for(site.layer, config)).is_pair
+        entry
+        for entry in entries
+        if entry.skip is None and get_method(method_for(entry.site.layer, config)).is_pair
     ]
-    curves = {
-        target: _error_curve(target, site, nodes[target], moments) for target, site in considered
-    }
+    curves = {entry.target: _error_curve(entry, moments) for entry in considered}
     if config.tolerance is not None:
         return {
-            target: rank_for_tolerance(curves[target], config.tolerance) for target, _ in considered
+            e.target: rank_for_tolerance(curves[e.target], config.tolerance) for e in considered
         }
     items = []
-    for target, site in considered:
-        errors = curves[target]
+    for entry in considered:
+        site, errors = entry.site, curves[entry.target]
         ranks = candidate_ranks(
             site.layer.max_rank,
             lambda rank, site=site: cost_model.pays(site, rank),
@@ -193,14 +197,14 @@ def _policy_ranks(
         )
         items.append(
             BudgetItem(
-                target,
+                entry.target,
                 ranks,
                 [float(errors[min(rank, errors.numel() - 1)]) for rank in ranks],
                 [cost_model.cost(site, rank) for rank in ranks],
                 cost_model.cost(site, None),
             )
         )
-    total = sum(cost_model.cost(site, None) for _, site, _ in entries)
+    total = sum(cost_model.cost(entry.site, None) for entry in entries)
     fixed = total - sum(item.original_cost for item in items)  # layers outside the allocation
     return allocate_budget(items, config.budget * total - fixed)
 
@@ -227,19 +231,59 @@ def _budget_warning(
     )
 
 
-def candidate_targets(
-    gm: fx.GraphModule, config: FactorizeConfig, tied: Mapping[str, str] | None = None
-) -> list[str]:
-    """Targets of the layers ``config`` considers at all (before any rank or cost decision).
+@dataclasses.dataclass
+class LayerEntry:
+    """One Linear/Conv layer to plan: its name in the model (``target``, ``node``), its name in
+    the graph it was traced in (``local``), where it runs, and why it is never factorized
+    (``skip``: disabled, too narrow, tied, ... or ``None``)."""
 
-    Calibration-aware policies (``tolerance``/``budget``) calibrate these before planning.
+    target: str
+    node: str
+    local: str
+    site: LayerSite
+    skip: str | None
+
+
+def layer_entries(
+    gm: fx.GraphModule,
+    config: FactorizeConfig,
+    tied: Mapping[str, str] | None = None,
+    qualify: Callable[[str], str] = str,
+) -> list[LayerEntry]:
+    """The :class:`LayerEntry` of every annotated Linear/Conv of ``gm`` (one per module target),
+    with targets and node names made model names by ``qualify`` (identity for a whole traced
+    model); ``tied`` maps model names to the reason a layer must stay (see :func:`fxfactorize.sharing.tied_layers`).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from fxfactorize.passes.cost import annotate_costs
+    >>> from fxfactorize.passes.shapes import propagate_shapes
+    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 10)))
+    >>> gm = annotate_costs(propagate_shapes(gm, torch.ones(2, 512)))
+    >>> [(e.target, e.skip) for e in layer_entries(gm, FactorizeConfig(), qualify=lambda t: f"body.{t}")]
+    [('body.0', None), ('body.1', 'min(in, out)=10 < min_features=256')]
     """
     tied = tied or {}
-    return [
-        str(target)
-        for target, (_, layer) in _layer_nodes(gm).items()
-        if target not in tied and _skip_reason(layer, config) is None
-    ]
+    entries = []
+    for local, (node, layer) in _layer_nodes(gm).items():
+        target = qualify(str(local))
+        skip = tied.get(target) or _skip_reason(layer, config)
+        site = _site(gm, node, layer, config)
+        entries.append(LayerEntry(target, qualify(node.name), str(local), site, skip))
+    return entries
+
+
+def candidate_targets(
+    gm: fx.GraphModule | list[LayerEntry],
+    config: FactorizeConfig,
+    tied: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Targets of the layers ``config`` considers at all (before any rank or cost decision), of a
+    graph or of :func:`layer_entries`. Calibration-aware policies (``tolerance``/``budget``)
+    calibrate these before planning.
+    """
+    entries = gm if isinstance(gm, list) else layer_entries(gm, config, tied)
+    return [entry.target for entry in entries if entry.skip is None]
 
 
 def plan_graph(
@@ -257,7 +301,7 @@ def plan_graph(
     is kept when ``config.cost_model`` does not predict the pair cheaper, and so is a layer named
     in ``tied`` (``{target: reason}``, see :func:`fxfactorize.sharing.tied_layers`): replacing it
     would untie a parameter it shares with another module. A budget that cannot be met is
-    listed in the plan's ``warnings``.
+    listed in the plan's ``warnings``. (:func:`plan_layers` plans layers of several graphs at once.)
 
     >>> import torch
     >>> from torch import nn
@@ -268,59 +312,68 @@ def plan_graph(
     >>> [record.rank for record in plan_graph(gm, FactorizeConfig()).layers]
     [128, None]
     """
+    return plan_layers(layer_entries(gm, config, tied), config, moments=moments)
+
+
+def plan_layers(
+    entries: list[LayerEntry],
+    config: FactorizeConfig,
+    *,
+    moments: Mapping[str, InputMoments] | None = None,
+) -> Plan:
+    """The plan of ``entries`` (from one graph or several): as :func:`plan_graph`, with a budget
+    shared by all of them. ``moments`` are keyed by the entries' targets.
+    """
     get_method(config.method)  # an unknown method is an error even if no Linear uses it
     cost_model = get_cost_model(config.cost_model)
-    layers = _layer_nodes(gm)
-    tied = tied or {}
-    entries = [
-        (target, _site(gm, node, layer, config), tied.get(target) or _skip_reason(layer, config))
-        for target, (node, layer) in layers.items()
-    ]
     policy: dict[str, int | None] = {}
     if config.tolerance is not None or config.budget is not None:
-        policy = _policy_ranks(gm, entries, config, cost_model, moments)
-    records = []
-    for target, site, _ in entries:
-        node, layer = layers[target]
-        if policy.get(target, 0) is None:
-            rank, reason = (
-                None,
-                (
-                    f"budget={config.budget}: kept (no rank predicted cheaper by the cost model, "
-                    "or the budget allows the original)"
-                ),
-            )
-        elif target in tied:
-            rank, reason = None, tied[target]
-        else:
-            rank, reason = _decide(layer, config, policy.get(target))
-        method = get_method(method_for(layer, config))
-        if (
-            method.is_pair
-            and rank is not None
-            and not (config.budget is not None and target in policy)
-        ):
-            rank = _round_rank(site, rank, config, cost_model)
-            reason = _too_slow(site, rank, cost_model)
-            rank = None if reason else rank
-        record = LayerRecord(
-            node=node.name,
-            target=str(target),
-            op=OP_NAMES.get(layer.kind, layer.kind),
-            in_features=layer.in_features,
-            out_features=layer.out_features,
-            kernel=layer.kernel,
-            groups=layer.groups,
-            macs_before=layer.macs,
-            params_before=layer.params,
-            rank=rank,
-            reason=reason,
-            method=method.name,
-        )
-        if rank is not None:
-            record.macs_after, record.params_after = method.cost(layer, rank)
-            record.detail = method.detail(layer, rank)
-        records.append(record)
-    sites = {target: site for target, site, _ in entries}
+        policy = _policy_ranks(entries, config, cost_model, moments)
+    records = [_record(entry, config, cost_model, policy) for entry in entries]
+    sites = {entry.target: entry.site for entry in entries}
     warning = _budget_warning(records, sites, config, cost_model)
     return Plan(records, config, [warning] if warning else [])
+
+
+def _record(
+    entry: LayerEntry,
+    config: FactorizeConfig,
+    cost_model: CostModel,
+    policy: Mapping[str, int | None],
+) -> LayerRecord:
+    """The plan's decision for one layer."""
+    site, layer, target = entry.site, entry.site.layer, entry.target
+    if entry.skip is not None:
+        rank, reason = None, entry.skip
+    elif policy.get(target, 0) is None:
+        rank = None
+        reason = (
+            f"budget={config.budget}: kept (no rank predicted cheaper by the cost model, "
+            "or the budget allows the original)"
+        )
+    else:
+        rank, reason = _decide(layer, config, policy.get(target))
+    method = get_method(method_for(layer, config))
+    budgeted = config.budget is not None and target in policy  # the allocation priced it already
+    if method.is_pair and rank is not None and not budgeted:
+        rank = _round_rank(site, rank, config, cost_model)
+        reason = _too_slow(site, rank, cost_model)
+        rank = None if reason else rank
+    record = LayerRecord(
+        node=entry.node,
+        target=target,
+        op=OP_NAMES.get(layer.kind, layer.kind),
+        in_features=layer.in_features,
+        out_features=layer.out_features,
+        kernel=layer.kernel,
+        groups=layer.groups,
+        macs_before=layer.macs,
+        params_before=layer.params,
+        rank=rank,
+        reason=reason,
+        method=method.name,
+    )
+    if rank is not None:
+        record.macs_after, record.params_after = method.cost(layer, rank)
+        record.detail = method.detail(layer, rank)
+    return record

@@ -14,59 +14,20 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import time
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
-from tqdm.auto import tqdm
 
+from fxfactorize.calling import call_model, evaluation_mode
 from fxfactorize.config import FactorizeConfig
-from fxfactorize.core.moments import InputMoments
-from fxfactorize.errors import CalibrationError, TraceError
-from fxfactorize.layers import PLAIN_LAYERS, layer_kind
-from fxfactorize.methods import Solved
-from fxfactorize.optimizers import update_optimizers
-from fxfactorize.passes.calibrate import (
-    MomentCollector,
-    calibration_batches,
-    calibration_warnings,
-)
-from fxfactorize.passes.cost import annotate_costs
-from fxfactorize.passes.functional import convert_functional_layers
-from fxfactorize.passes.plan import plan_graph
-from fxfactorize.passes.rewrite import has_submodule, install, replace_submodule, rewrite
-from fxfactorize.passes.shapes import (
-    check_example_inputs,
-    evaluation_mode,
-    normalize_inputs,
-    propagate_shapes,
-)
-from fxfactorize.passes.solve import solve_plan, solved_records
+from fxfactorize.errors import TraceError
+from fxfactorize.layers import PLAIN_LAYERS
 from fxfactorize.passes.trace import DEFAULT_LEAF_MODULES, FactorizeTracer, trace
-from fxfactorize.report import (
-    LayerRecord,
-    PartialPlan,
-    PartialReport,
-    Plan,
-    UntracedModule,
-    attach_report,
-    publish,
-    report_of,
-)
-from fxfactorize.sharing import tied_layers
+from fxfactorize.report import UntracedModule, report_of
 
-__all__ = [
-    "Region",
-    "calibratable_targets",
-    "calibrate_regions",
-    "find_regions",
-    "plan_regions",
-    "report_of",
-    "transform_regions",
-]
+__all__ = ["Region", "find_regions", "regions_of", "report_of", "run_model"]
 
 log = logging.getLogger("fxfactorize")
 
@@ -75,16 +36,27 @@ _TORCH_LEAVES = FactorizeTracer()  # only its is_leaf_module is used: torch.fx's
 
 @dataclasses.dataclass
 class Region:
-    """A traced part of the model: ``name`` (qualified), its GraphModule and how the model called it.
+    """A traced part of the model: ``name`` (qualified; ``""`` is the whole model), its
+    GraphModule and the inputs the model called it with (the example inputs for the whole model).
 
-    ``layer`` is true when the region is a bare Linear/Conv (traced through a one-call wrapper; the
-    factorized layer itself replaces it).
+    ``layer`` is true when the region is a bare Linear/Conv (traced through a one-call wrapper;
+    the factorized layer itself replaces it).
+
+    >>> region = Region("body", fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2))), {})
+    >>> region.qualify("0"), Region("", region.graph, {}).qualify("0")
+    ('body.0', '0')
     """
 
     name: str
     graph: fx.GraphModule
-    inputs: dict[str, Any]
+    inputs: Any
     layer: bool = False
+
+    def qualify(self, local: str) -> str:
+        """The model's name for ``local``, a target or node name of this region's graph."""
+        if self.layer:  # the wrapper's one layer is the region itself
+            return self.name
+        return f"{self.name}.{local}" if self.name else local
 
 
 class _OneLayer(nn.Module):
@@ -98,17 +70,7 @@ class _OneLayer(nn.Module):
         return self.layer(input)
 
 
-def run_model(model: nn.Module, inputs: Any) -> Any:
-    """Call ``model`` on a tensor, a tuple/list of positional inputs or a dict of keyword inputs.
-
-    >>> run_model(nn.Linear(3, 2), {"input": torch.ones(1, 3)}).shape
-    torch.Size([1, 2])
-    """
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+run_model = call_model  # the old name of fxfactorize.calling.call_model
 
 
 def capture_calls(model: nn.Module, example_inputs: Any) -> dict[str, tuple[tuple, dict]]:
@@ -133,7 +95,7 @@ def capture_calls(model: nn.Module, example_inputs: Any) -> dict[str, tuple[tupl
     ]
     try:
         with torch.no_grad(), evaluation_mode(model):
-            run_model(model, example_inputs)
+            call_model(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -268,239 +230,21 @@ def find_regions(
     return regions, untraced
 
 
-def _analyse_region(
-    region: Region, config: FactorizeConfig, tied: dict[str, str] | None = None
-) -> Plan:
-    """The region's plan; ``tied`` names the model's tied layers by their qualified names."""
-    gm = region.graph
-    if config.functional:
-        convert_functional_layers(gm)
-    placeholders = {node.target for node in gm.graph.nodes if node.op == "placeholder"}
-    inputs = {key: value for key, value in region.inputs.items() if key in placeholders}
-    annotate_costs(propagate_shapes(gm, inputs))
-    return plan_graph(gm, config, tied=_relative_ties(tied or {}, region))
+def regions_of(
+    model: nn.Module, example_inputs: Any, config: FactorizeConfig
+) -> tuple[list[Region], list[UntracedModule] | None]:
+    """The model as one region (``""``) when its root traces, else (``on_untraceable="descend"``)
+    its largest traceable submodules and the modules that did not trace (``None`` for a whole
+    model). ``on_untraceable="raise"`` raises the :class:`~fxfactorize.errors.TraceError`.
 
-
-def _relative_ties(tied: dict[str, str], region: Region) -> dict[str, str]:
-    """``tied`` with names made relative to ``region``'s graph."""
-    if region.layer:  # the one-layer wrapper calls it "layer"
-        return {"layer": tied[region.name]} if region.name in tied else {}
-    prefix = f"{region.name}."
-    return {name[len(prefix) :]: reason for name, reason in tied.items() if name.startswith(prefix)}
-
-
-def _check_not_whole(regions: list[Region]) -> None:
-    if any(region.name == "" for region in regions):
-        raise ValueError("the model traces whole: use fxfactorize.transform, not partial tracing")
-
-
-def _qualify_target(target: str, region: Region) -> str:
-    return region.name if region.layer else f"{region.name}.{target}"
-
-
-def _qualify(record: LayerRecord, region: Region) -> LayerRecord:
-    if region.layer:  # the wrapper's one layer is the region itself
-        return dataclasses.replace(record, node=region.name, target=region.name)
-    return dataclasses.replace(
-        record, node=f"{region.name}.{record.node}", target=f"{region.name}.{record.target}"
-    )
-
-
-def plan_regions(model: nn.Module, example_inputs: Any, config: FactorizeConfig) -> Plan:
-    """:func:`~fxfactorize.plan` for a model whose root does not trace (``model`` is unchanged).
-
-    >>> class Gate(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.fc = nn.Linear(512, 512)
-    ...     def forward(self, x):
-    ...         return self.fc(x) if x.sum() > 0 else x
-    >>> p = plan_regions(Gate(), torch.ones(2, 512), FactorizeConfig())
-    >>> p.regions, [(r.target, r.rank) for r in p.layers]
-    (['fc'], [('fc', 128)])
+    >>> [r.name for r in regions_of(nn.Sequential(nn.Linear(4, 4)), torch.ones(1, 4), FactorizeConfig())[0]]
+    ['']
     """
-    regions, untraced = find_regions(model, example_inputs, config)
-    tied = tied_layers(model)
-    records, warnings = [], []
-    for region in regions:
-        region_plan = _analyse_region(region, config, tied)
-        records += [_qualify(record, region) for record in region_plan.layers]
-        warnings += region_plan.warnings
-    return PartialPlan(records, config, [region.name for region in regions], untraced, warnings)
-
-
-def calibratable_targets(gm: fx.GraphModule, targets: Iterable[str]) -> list[str]:
-    """The ``targets`` the calibration pass takes (Linear, Conv1d/2d/3d); the rest (for example
-    tensorized Linears) are solved data-free.
-
-    >>> from fxfactorize.passes.cost import annotate_costs
-    >>> gm = fx.symbolic_trace(nn.Sequential(nn.Linear(512, 512), nn.Unflatten(1, (512, 1)),
-    ...                                      nn.Conv1d(512, 512, 1)))
-    >>> p = plan_graph(annotate_costs(propagate_shapes(gm, torch.ones(2, 512))), FactorizeConfig())
-    >>> calibratable_targets(gm, [r.target for r in p.factorized])
-    ['0', '2']
-    """
-    return [target for target in targets if layer_kind(gm.get_submodule(target)) is not None]
-
-
-class _Collecting(nn.Module):
-    """Stands in for a region while the whole model runs calibration batches: runs the region's
-    graph through a :class:`MomentCollector`, which records its layers' inputs."""
-
-    def __init__(self, gm: fx.GraphModule, collector: MomentCollector) -> None:
-        super().__init__()
-        self.gm, self.collector = gm, collector
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        bound = inspect.signature(self.gm.forward).bind(*args, **kwargs)
-        bound.apply_defaults()
-        return self.collector.run(*normalize_inputs(self.gm, dict(bound.arguments)))
-
-
-def calibrate_regions(
-    model: nn.Module, regions: list[Region], plans: list[Plan], batches: Any, progress: bool
-) -> list[dict[str, InputMoments]]:
-    """Input moments of each region's planned layers, collected while the *whole* ``model`` runs
-    on ``batches`` (each a tensor, a tuple or a dict of keyword inputs); ``model`` is restored.
-
-    >>> class Gate(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.fc = nn.Linear(512, 512)
-    ...     def forward(self, x):
-    ...         return self.fc(x) if x.sum() > 0 else x
-    >>> model = Gate()
-    >>> regions, _ = find_regions(model, torch.ones(2, 512), FactorizeConfig())
-    >>> plans = [_analyse_region(r, FactorizeConfig()) for r in regions]
-    >>> batches = [torch.rand(8, 512), -torch.rand(3, 512)]  # the second skips fc
-    >>> calibrate_regions(model, regions, plans, batches, progress=False)[0]["layer"].count
-    8
-    """
-    _check_not_whole(regions)
-    collectors = [
-        MomentCollector(
-            region.graph, calibratable_targets(region.graph, [r.target for r in plan.factorized])
-        )
-        for region, plan in zip(regions, plans, strict=True)
-    ]
-    originals = {region.name: model.get_submodule(region.name) for region in regions}
-    for region, collector in zip(regions, collectors, strict=True):
-        replace_submodule(model, region.name, _Collecting(region.graph, collector))
-    seen = 0
     try:
-        with torch.no_grad(), evaluation_mode(model):
-            batches = calibration_batches(batches)
-            for index, batch in enumerate(
-                tqdm(batches, desc="calibrate", unit="batch", disable=not progress)
-            ):
-                try:
-                    check_example_inputs(batch, "the batch")
-                    run_model(model, batch)
-                except Exception as error:
-                    cause = error.__cause__ or error
-                    raise CalibrationError(index, f"{type(cause).__name__}: {cause}") from error
-                seen += 1
-    finally:
-        for name, module in originals.items():
-            replace_submodule(model, name, module)
-    if seen == 0:
-        raise ValueError("calibration has no batches")
-    return [collector.moments for collector in collectors]
-
-
-def transform_regions(
-    model: nn.Module,
-    example_inputs: Any,
-    config: FactorizeConfig,
-    started: float | None = None,
-    calibration: Any = None,
-    optimizers: Any = None,
-    original: nn.Module | None = None,
-) -> nn.Module:
-    """Factorize the traceable regions of ``model`` in place and return it with its report.
-
-    With ``calibration``, statistics come from running the whole model on those batches; with
-    ``optimizers`` (over ``original``'s parameters, ``original`` defaulting to ``model``), their
-    param groups are updated as :func:`~fxfactorize.transform` does. Every region is solved before
-    any is installed, so an error leaves ``model`` as it was. A layer module shared by several
-    regions (or names) gets one replacement; its later records name the first (``shared_with``).
-    The report (a :class:`~fxfactorize.report.PartialReport`) is ``model.meta["fxfactorize"]``;
-    :func:`~fxfactorize.report.report_of` finds it on any result of ``transform``.
-
-    >>> class Gate(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__()
-    ...         self.fc = nn.Linear(512, 512)
-    ...     def forward(self, x):
-    ...         return self.fc(x) if x.sum() > 0 else x
-    >>> model = transform_regions(Gate(), torch.ones(2, 512), FactorizeConfig(progress=False))
-    >>> type(model.fc).__name__, model.meta["fxfactorize"].regions
-    ('FactorizedLinear', ['fc'])
-    """
-    started = time.perf_counter() if started is None else started
-    original = model if original is None else original
-    tied = tied_layers(model)
+        return [Region("", trace(model, config.leaf_modules), example_inputs)], None
+    except TraceError:
+        if config.on_untraceable == "raise":
+            raise
     regions, untraced = find_regions(model, example_inputs, config)
-    _check_not_whole(regions)
-    plans = [_analyse_region(region, config, tied) for region in regions]
-    moments: list[Any] = [None] * len(regions)
-    if calibration is not None:
-        moments = calibrate_regions(model, regions, plans, calibration, config.progress)
-    records: list[LayerRecord] = []
-    first_solved: dict[int, tuple[str, Solved]] = {}  # a layer shared by regions is solved once
-    installs: dict[nn.Module, nn.Module] = {}
-    replaced: dict[str, nn.Module] = {}
-    for region, the_plan, stats in zip(regions, plans, moments, strict=True):
-        gm = region.graph
-        try:
-            solved = solve_plan(gm, _unsolved(the_plan, gm, first_solved), stats, config.progress)
-        except ValueError as error:
-            raise ValueError(f"region {region.name!r}: {error}") from error
-        shared_with = {}
-        for record in the_plan.factorized:
-            layer, name = gm.get_submodule(record.target), _qualify_target(record.target, region)
-            if id(layer) in first_solved:
-                shared_with[record.target], solved[record.target] = first_solved[id(layer)]
-            else:
-                first_solved[id(layer)] = (name, solved[record.target])
-            if has_submodule(original, name):
-                replaced[name] = original.get_submodule(name)
-        for record in solved_records(the_plan, solved):
-            record.shared_with = shared_with.get(record.target)
-            records.append(_qualify(record, region))
-        if solved:  # a region with nothing factorized keeps its original module
-            region_module = model.get_submodule(region.name)
-            rewrite(gm, {target: result.module for target, result in solved.items()})
-            installs[region_module] = gm.layer if region.layer else gm
-    warnings = [w for the_plan in plans for w in the_plan.warnings]
-    warnings += [w for p, m in zip(plans, moments, strict=True) for w in calibration_warnings(m, p)]
-    report = PartialReport(
-        records,
-        config,
-        seconds=0.0,
-        regions=[region.name for region in regions],
-        untraced=untraced,
-        warnings=warnings,
-    )
-    undo = install(model, installs)
-    try:
-        if optimizers is not None:
-            update_optimizers(optimizers, original, model, replaced)
-    except Exception:
-        undo()  # all or nothing
-        raise
-    report.seconds = time.perf_counter() - started
-    attach_report(model, report)
-    publish(report, f" (partial tracing: {len(regions)} regions)")
-    return model
-
-
-def _unsolved(the_plan: Plan, gm: fx.GraphModule, first_solved: dict[int, Any]) -> Plan:
-    """``the_plan`` without the layers whose module an earlier region already solved."""
-    records = [
-        dataclasses.replace(record, rank=None, reason="solved in an earlier region")
-        if record.factorized and id(gm.get_submodule(record.target)) in first_solved
-        else record
-        for record in the_plan.layers
-    ]
-    return Plan(records, the_plan.config)
+    root = [region for region in regions if region.name == ""]
+    return (root, None) if root else (regions, untraced)  # traced whole with constant inputs

@@ -6,15 +6,16 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 
-from torch import fx
+from torch import fx, nn
 from tqdm.auto import tqdm
 
 from fxfactorize.core.moments import InputMoments
+from fxfactorize.layers import LayerShape
 from fxfactorize.methods import Solved, get_method
 from fxfactorize.passes.cost import LAYER_META
 from fxfactorize.report import LayerRecord, Plan
 
-__all__ = ["solve_plan", "solved_records"]
+__all__ = ["solve_layers", "solve_plan", "solved_records"]
 
 log = logging.getLogger("fxfactorize")
 
@@ -30,16 +31,40 @@ def solve_plan(
     Returns ``{target: Solved}``. ``gm`` is not changed.
     """
     layers = {
-        node.target: node.meta[LAYER_META] for node in gm.graph.nodes if LAYER_META in node.meta
+        node.target: (gm.get_submodule(node.target), node.meta[LAYER_META])
+        for node in gm.graph.nodes
+        if LAYER_META in node.meta
     }
+    return solve_layers(layers, plan, moments, progress)[0]
+
+
+def solve_layers(
+    layers: Mapping[str, tuple[nn.Module, LayerShape]],
+    plan: Plan,
+    moments: Mapping[str, InputMoments] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Solved], dict[str, str]]:
+    """Solve each factorized record of ``plan``, its module and geometry taken from ``layers``
+    (``{target: (module, LayerShape)}``). A module object planned under several targets is solved
+    once: the later targets get the same :class:`Solved` and appear in the second result,
+    ``{target: the target it shares with}``.
+    """
     solved: dict[str, Solved] = {}
+    first_target: dict[int, str] = {}
+    shared_with: dict[str, str] = {}
     records = plan.factorized
     for record in tqdm(records, desc="solve", unit="layer", disable=not progress or not records):
-        method = get_method(record.method)
-        module = gm.get_submodule(record.target)
+        module, layer = layers[record.target]
+        if id(module) in first_target:
+            shared_with[record.target] = first_target[id(module)]
+            solved[record.target] = solved[shared_with[record.target]]
+            continue
+        first_target[id(module)] = record.target
         stats = None if moments is None else moments.get(record.target)
         try:
-            solved[record.target] = method.solve(module, layers[record.target], record.rank, stats)
+            solved[record.target] = get_method(record.method).solve(
+                module, layer, record.rank, stats
+            )
         except ValueError as error:
             raise ValueError(
                 f"cannot factorize graph node {record.node!r} ({record.target}): {error}"
@@ -50,11 +75,15 @@ def solve_plan(
             record.rank,
             solved[record.target].nmse,
         )
-    return solved
+    return solved, shared_with
 
 
-def solved_records(plan: Plan, solved: Mapping[str, Solved]) -> list[LayerRecord]:
-    """``plan``'s records, each solved one completed with its nmse, detail and realised params."""
+def solved_records(
+    plan: Plan, solved: Mapping[str, Solved], shared_with: Mapping[str, str] | None = None
+) -> list[LayerRecord]:
+    """``plan``'s records, each solved one completed with its nmse, detail and realised params
+    (and ``shared_with`` where its module is another record's)."""
+    shared_with = shared_with or {}
     records = []
     for record in plan.layers:
         result = solved.get(record.target)
@@ -65,6 +94,7 @@ def solved_records(plan: Plan, solved: Mapping[str, Solved]) -> list[LayerRecord
                 nmse_source=result.nmse_source,
                 detail=result.detail or record.detail,
                 params_after=sum(p.numel() for p in result.module.parameters()),
+                shared_with=shared_with.get(record.target),
             )
         records.append(record)
     return records

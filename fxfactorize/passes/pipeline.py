@@ -1,0 +1,207 @@
+"""The pipeline: analyse → calibrate → (re)plan → solve → rewrite, one set of steps for a model
+whose root traces whole (one :class:`Region`, named ``""``) and for the traced regions of one whose
+root does not (:mod:`fxfactorize.passes.regions` finds them; this module runs them together).
+
+Layers are named as in the model throughout (``body.0``), so one plan, one budget and one set of
+calibration statistics cover every region, and a layer module shared by regions is solved once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Iterable
+from typing import Any
+
+from torch import fx, nn
+
+from fxfactorize.calling import call_model, evaluation_mode, normalize_inputs
+from fxfactorize.config import FactorizeConfig
+from fxfactorize.core.moments import InputMoments
+from fxfactorize.layers import layer_kind
+from fxfactorize.methods import Solved
+from fxfactorize.passes.calibrate import MomentCollector, calibration_warnings, run_calibration
+from fxfactorize.passes.cost import annotate_costs
+from fxfactorize.passes.functional import convert_functional_layers
+from fxfactorize.passes.plan import LayerEntry, candidate_targets, layer_entries, plan_layers
+from fxfactorize.passes.regions import Region
+from fxfactorize.passes.rewrite import install, rewrite
+from fxfactorize.passes.shapes import propagate_shapes
+from fxfactorize.passes.solve import solve_layers, solved_records
+from fxfactorize.report import LayerRecord, Plan
+
+__all__ = ["Outcome", "analyse", "calibrate_regions", "plan_regions", "run_pipeline"]
+
+
+def analyse(region: Region, config: FactorizeConfig) -> Region:
+    """Functional layers made modules, shapes propagated and costs annotated on the region's graph."""
+    gm = region.graph
+    if config.functional:
+        convert_functional_layers(gm)
+    inputs = region.inputs
+    if region.name and isinstance(inputs, dict):  # the call's bound arguments: keep the traced ones
+        placeholders = {node.target for node in gm.graph.nodes if node.op == "placeholder"}
+        inputs = {key: value for key, value in inputs.items() if key in placeholders}
+    annotate_costs(propagate_shapes(gm, inputs))
+    return region
+
+
+def plan_regions(
+    regions: list[Region],
+    config: FactorizeConfig,
+    tied: dict[str, str],
+    moments: dict[str, InputMoments] | None = None,
+) -> tuple[Plan, list[LayerEntry]]:
+    """One plan for the layers of every (analysed) region, and their entries."""
+    entries = [
+        entry
+        for region in regions
+        for entry in layer_entries(region.graph, config, tied, region.qualify)
+    ]
+    return plan_layers(entries, config, moments=moments), entries
+
+
+class _Collecting(nn.Module):
+    """Stands in for a region while the whole model runs calibration batches: runs the region's
+    graph through a :class:`MomentCollector`, which records its layers' inputs."""
+
+    def __init__(self, gm: fx.GraphModule, collector: MomentCollector) -> None:
+        super().__init__()
+        self.gm, self.collector = gm, collector
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(self.gm.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        return self.collector.run(*normalize_inputs(self.gm, dict(bound.arguments)))
+
+
+def calibrate_regions(
+    model: nn.Module,
+    regions: list[Region],
+    entries: list[LayerEntry],
+    targets: Iterable[str],
+    batches: Iterable[Any],
+    progress: bool = True,
+) -> dict[str, InputMoments]:
+    """Input moments of the Linear/Conv layers ``targets`` (model names), collected while the
+    model runs ``batches``: the whole model's graph, or the model itself with each region standing
+    in through its graph. ``model`` is restored.
+    """
+    wanted = set(targets)
+    local = {region.name: [] for region in regions}
+    for entry in entries:
+        region = _region_of(entry, regions)
+        if entry.target in wanted and layer_kind(region.graph.get_submodule(entry.local)):
+            local[region.name].append(entry.local)
+    collectors = {r.name: MomentCollector(r.graph, local[r.name], r.qualify) for r in regions}
+    names = {entry.target: f"graph node {entry.node!r} ({entry.target})" for entry in entries}
+    if regions[0].name == "":  # the root traced whole
+        gm, collector = regions[0].graph, collectors[""]
+        with evaluation_mode(gm):
+            run_calibration(
+                batches,
+                lambda batch: collector.run(*normalize_inputs(gm, batch)),
+                name_of=names.get,
+                progress=progress,
+            )
+    else:
+        stand_ins = {
+            model.get_submodule(r.name): _Collecting(r.graph, collectors[r.name]) for r in regions
+        }
+        undo = install(model, stand_ins)
+        try:
+            with evaluation_mode(model):
+                run_calibration(
+                    batches,
+                    lambda batch: call_model(model, batch),
+                    name_of=names.get,
+                    progress=progress,
+                )
+        finally:
+            undo()
+    return {
+        region.qualify(target): stats
+        for region in regions
+        for target, stats in collectors[region.name].moments.items()
+    }
+
+
+def _region_of(entry: LayerEntry, regions: list[Region]) -> Region:
+    for region in regions:
+        if region.qualify(entry.local) == entry.target:
+            return region
+    raise KeyError(entry.target)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What the pipeline did: the final ``plan``, the solved ``records``, ``warnings``, and the
+    replacements to install: ``layers`` (original layer → its pair) and ``regions`` (original
+    region module → its rewritten graph; empty when the root traced whole)."""
+
+    plan: Plan
+    records: list[LayerRecord]
+    warnings: list[str]
+    layers: dict[nn.Module, nn.Module]
+    regions: dict[nn.Module, nn.Module]
+    solved: dict[str, Solved]
+
+
+def run_pipeline(
+    model: nn.Module,
+    regions: list[Region],
+    config: FactorizeConfig,
+    batches: Iterable[Any] | None,
+    tied: dict[str, str],
+) -> Outcome:
+    """Analyse, calibrate (when ``batches`` is given), plan, solve and rewrite ``regions`` of
+    ``model``. The region graphs are rewritten; ``model`` itself is not changed."""
+    for region in regions:
+        analyse(region, config)
+    the_plan, entries = plan_regions(regions, config, tied)
+    moments = None
+    if batches is not None:
+        replan = config.tolerance is not None or config.budget is not None
+        # policies that predict errors from the statistics need those of every candidate
+        targets = (
+            candidate_targets(entries, config)
+            if replan
+            else [record.target for record in the_plan.factorized]
+        )
+        moments = calibrate_regions(model, regions, entries, targets, batches, config.progress)
+        if replan:
+            the_plan = plan_layers(entries, config, moments=moments)
+    layers = {entry.target: (entry.site.module, entry.site.layer) for entry in entries}
+    solved, shared_with = solve_layers(layers, the_plan, moments, config.progress)
+    records = solved_records(the_plan, solved, shared_with)
+    warnings = the_plan.warnings + calibration_warnings(moments, the_plan)
+    replaced_layers = {layers[target][0]: result.module for target, result in solved.items()}
+    return Outcome(
+        the_plan,
+        records,
+        warnings,
+        replaced_layers,
+        _rewrite(model, regions, entries, solved),
+        solved,
+    )
+
+
+def _rewrite(
+    model: nn.Module, regions: list[Region], entries: list[LayerEntry], solved: dict[str, Solved]
+) -> dict[nn.Module, nn.Module]:
+    """Rewrite each region's graph with its solved layers; ``{region module: what replaces it}``
+    for the regions of a model whose root did not trace."""
+    installs = {}
+    for region in regions:
+        replacements = {
+            entry.local: solved[entry.target].module
+            for entry in entries
+            if entry.target in solved and _region_of(entry, regions) is region
+        }
+        if not replacements:  # a region with nothing factorized keeps its original module
+            continue
+        rewrite(region.graph, replacements)
+        if region.name:
+            new = region.graph.layer if region.layer else region.graph
+            installs[model.get_submodule(region.name)] = new
+    return installs
