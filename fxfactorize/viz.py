@@ -14,6 +14,7 @@ from tabulate import tabulate
 from torch import fx
 
 from fxfactorize.modules import FactorizedPair
+from fxfactorize.report import REPORT_META
 
 __all__ = ["changed_nodes", "draw_region", "graphviz_available", "region_nodes", "region_table"]
 
@@ -26,7 +27,7 @@ def changed_nodes(gm: fx.GraphModule) -> list[str]:
     >>> changed_nodes(ff.transform(model, torch.randn(2, 512), progress=False))
     ['_0']
     """
-    report = gm.meta.get("fxfactorize")
+    report = gm.meta.get(REPORT_META)
     targets = {record.target for record in getattr(report, "factorized", [])}
     names = []
     for node in gm.graph.nodes:
