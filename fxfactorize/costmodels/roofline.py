@@ -7,6 +7,10 @@ thread count, dtype and torch version, and are cached as JSON in ``$FXFACTORIZE_
 (default ``~/.cache/fxfactorize``); ``fxfactorize profile`` shows, re-measures or clears them.
 ``$FXFACTORIZE_DEVICE_PROFILE="FLOPS,BYTES,LAUNCH"`` (e.g. ``"5e10,1e10,0"``) replaces the
 measurement: every machine given the same numbers makes the same plan.
+
+A measured number is only known to within its noise (:data:`PROFILE_NOISE`), so a pair must pay
+the margin under every profile within twice that noise of the measured one: a layer whose decision
+the noise could flip is kept dense, in every run (see :meth:`RooflineCostModel.pays`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import os
 import platform
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +33,7 @@ from fxfactorize.costmodels.timing import best_seconds
 
 __all__ = [
     "PROFILE_ENV",
+    "PROFILE_NOISE",
     "DeviceProfile",
     "ProfileSource",
     "RooflineCostModel",
@@ -44,6 +50,9 @@ log = logging.getLogger("fxfactorize")
 _MEASURED: dict[str, DeviceProfile] = {}  # this process's profiles, by full key
 _PINNED: dict[tuple[str, torch.dtype], DeviceProfile] = {}  # by device type, dtype
 PROFILE_ENV = "FXFACTORIZE_DEVICE_PROFILE"
+# Each measured number is trusted to ±10 %: the spread of the best-of-N micro-benchmarks between
+# fresh processes on one machine (bandwidth and per-call cost, even on a loaded 2-core CPU).
+PROFILE_NOISE = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,8 +323,34 @@ def clear_profile_cache() -> Path | None:
     return path
 
 
+def _noise_corners(
+    profile: DeviceProfile, spread: float, slopes: list[float]
+) -> Iterator[DeviceProfile]:
+    """The profiles, each number within a factor ``spread`` of ``profile``'s, where a ratio of two
+    roofline costs can be largest.
+
+    In ``(1/flops, 1/bytes, launch)`` a cost is linear between the lines where one of its
+    products turns from compute- to memory-bound (``bytes_per_s = flops_per_s · slope``, ``slope``
+    its bytes per FLOP), so a ratio of two costs is largest at a corner of the box or where such a
+    line crosses the box's edge.
+    """
+    peak, stream = profile.flops_per_s, profile.bytes_per_s
+    flops, moved = (peak / spread, peak * spread), (stream / spread, stream * spread)
+    points = [(f, b) for f in flops for b in moved]
+    for slope in slopes:
+        points += [(f, f * slope) for f in flops if moved[0] <= f * slope <= moved[1]]
+        points += [(b / slope, b) for b in moved if flops[0] <= b / slope <= flops[1]]
+    for launch in (profile.launch_s / spread, profile.launch_s * spread):
+        for f, b in points:
+            yield DeviceProfile(f, b, launch)
+
+
 class RooflineCostModel:
-    """Predicted seconds of the layer at its traced shape; a pair must win by ``margin``.
+    """Predicted seconds of the layer at its traced shape; a pair must win by ``margin``, robustly.
+
+    A pair pays when it is predicted at least ``margin`` cheaper under every profile whose three
+    numbers are each within a factor ``(1 - noise) ** -2`` of the device's (±23 % for the default
+    ``noise`` of 10 %): see :meth:`pays`. ``noise=0`` judges the measured numbers alone.
 
     >>> from fxfactorize.passes.cost import LayerShape
     >>> model = RooflineCostModel(profile=DeviceProfile(1e11, 1e10, 1e-5))
@@ -327,24 +362,70 @@ class RooflineCostModel:
     name = "latency"
     unit = "s"
 
-    def __init__(self, margin: float = 0.1, profile: DeviceProfile | None = None) -> None:
+    def __init__(
+        self,
+        margin: float = 0.1,
+        profile: DeviceProfile | None = None,
+        noise: float = PROFILE_NOISE,
+    ) -> None:
         self.margin = margin
         self.profile = profile
+        self.noise = noise
 
     def _profile(self, site: LayerSite) -> DeviceProfile:
         return self.profile or device_profile(site.device, site.dtype)
 
-    def cost(self, site: LayerSite, rank: int | None) -> float:
-        layer, profile = site.layer, self._profile(site)
-        size = torch.empty((), dtype=site.dtype).element_size()
-        m = layer.positions
+    @staticmethod
+    def _products(site: LayerSite, rank: int | None) -> list[tuple[int, int, int]]:
+        """The ``(m, k, n)`` matrix products of one group: one for the layer, two for a pair."""
+        layer, m = site.layer, site.layer.positions
         if rank is None and layer.latent is None:
-            return layer.groups * profile.gemm_seconds(m, layer.fan_in, layer.out_per_group, size)
-        rank = layer.latent if rank is None else rank
-        per_group = max(rank // layer.groups, 1)
-        first = profile.gemm_seconds(m, layer.fan_in, per_group, size)
-        second = profile.gemm_seconds(m, per_group, layer.out_per_group, size)
-        return layer.groups * (first + second)
+            return [(m, layer.fan_in, layer.out_per_group)]
+        per_group = max((layer.latent if rank is None else rank) // layer.groups, 1)
+        return [(m, layer.fan_in, per_group), (m, per_group, layer.out_per_group)]
+
+    def _seconds(self, site: LayerSite, rank: int | None, profile: DeviceProfile) -> float:
+        size = torch.empty((), dtype=site.dtype).element_size()
+        products = self._products(site, rank)
+        return site.layer.groups * sum(profile.gemm_seconds(*mkn, size) for mkn in products)
+
+    def cost(self, site: LayerSite, rank: int | None) -> float:
+        return self._seconds(site, rank, self._profile(site))
+
+    def worst_ratio(self, site: LayerSite, rank: int, spread: float) -> float:
+        """The largest ``cost(site, rank) / cost(site, None)`` under any profile whose three
+        numbers are each within a factor ``spread`` of the device's (exact, see ``_noise_corners``).
+
+        >>> from fxfactorize.passes.cost import LayerShape
+        >>> model = RooflineCostModel(profile=DeviceProfile(5e10, 1e10, 5e-6))
+        >>> site = LayerSite(LayerShape("linear", 256, 256, (), 1, positions=4, bias=True))
+        >>> round(model.worst_ratio(site, 76, 1.0), 3), round(model.worst_ratio(site, 76, 1.25), 3)
+        (0.831, 0.926)
+        """
+        size = torch.empty((), dtype=site.dtype).element_size()
+        products = self._products(site, rank) + self._products(site, None)
+        slopes = [size * (m * k + k * n + m * n) / (2.0 * m * k * n) for m, k, n in products]
+        return max(
+            self._seconds(site, rank, profile) / self._seconds(site, None, profile)
+            for profile in _noise_corners(self._profile(site), spread, slopes)
+        )
 
     def pays(self, site: LayerSite, rank: int) -> bool:
-        return self.cost(site, rank) <= (1.0 - self.margin) * self.cost(site, None)
+        """Whether the pair at ``rank`` is at least ``margin`` cheaper under every profile within
+        ``(1 - noise) ** -2`` of the device's.
+
+        Why twice the noise: a run whose measured profile is off by up to the noise still has the
+        true profile within one noise of its own, so any layer that one noise could carry across
+        the margin is kept dense in every such run; only pairs that pay with every number one
+        noise off against them can be factorized.
+
+        >>> from fxfactorize.passes.cost import LayerShape
+        >>> site = LayerSite(LayerShape("linear", 256, 256, (), 1, positions=4, bias=True))
+        >>> profile = DeviceProfile(5e10, 1e10, 5e-6)
+        >>> RooflineCostModel(profile=profile, noise=0).pays(site, 76)  # 17 % cheaper as measured
+        True
+        >>> RooflineCostModel(profile=profile).pays(site, 76)  # ... but within the noise band
+        False
+        """
+        spread = (1.0 - self.noise) ** -2
+        return self.worst_ratio(site, rank, spread) <= 1.0 - self.margin
