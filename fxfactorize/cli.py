@@ -14,18 +14,20 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from tabulate import tabulate
 from torch import nn
 
-__all__ = ["build_model", "main", "measure_latency", "parse_input_shape"]
+__all__ = ["build_model", "check_output_dir", "main", "measure_latency", "parse_input_shape"]
 
 log = logging.getLogger("fxfactorize")
 
@@ -154,6 +156,21 @@ def _parse_number(text: str) -> int | float:
             raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
 
 
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for ints ``>= minimum`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {value}")
+        return value
+
+    return parse
+
+
 def _parse_any(text: str) -> Any:
     """For config fields of other types: a JSON value (number, list, null…) or else the string."""
     try:
@@ -273,13 +290,15 @@ def _add_bench_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     group = parser.add_argument_group("timing")
     group.add_argument(
         "--repeats",
-        type=int,
+        type=_int_at_least(1),
+        metavar="N",
         default=default(10),
         help="timed forward passes per model, interleaved (default: 10)",
     )
     group.add_argument(
         "--warmup",
-        type=int,
+        type=_int_at_least(0),
+        metavar="N",
         default=default(2),
         help="untimed forward passes per model first (default: 2)",
     )
@@ -366,14 +385,36 @@ def _prepare(args: argparse.Namespace) -> _Run:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
-    if getattr(args, "out", None) == "":
-        raise UsageError("--out must name a directory; got ''")
+    if getattr(args, "out", None) is not None:
+        check_output_dir(args.out)
     shape = parse_input_shape(args.input_shape)
     torch.manual_seed(args.seed)
     model = build_model(args.model)
     example = torch.randn(shape)
     calibration = load_calibration(args.calibration, shape[0]) if args.calibration else None
     return _Run(args.model, model, example, config, calibration)
+
+
+def check_output_dir(path: str) -> None:
+    """``UsageError`` naming ``--out`` unless ``path`` is, or can be made, a writable directory.
+
+    Checked before any work, so that a bad ``--out`` does not fail after a long transform.
+
+    >>> import tempfile
+    >>> check_output_dir(tempfile.mkdtemp() + "/new/folder")
+    >>> check_output_dir("")
+    Traceback (most recent call last):
+    ...
+    fxfactorize.cli.UsageError: --out must name a directory; got ''
+    """
+    if not path:
+        raise UsageError("--out must name a directory; got ''")
+    folder = Path(path)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise UsageError(f"--out {path!r}: {str(existing)!r} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path!r}: {str(existing)!r} is not writable")
 
 
 def load_calibration(path: str, batch_size: int) -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -187,3 +188,44 @@ def test_python_dash_m_exit_code_for_usage_errors() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("fxfactorize: error:")
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["bench", *SMALL, "--repeats", "0"], "--repeats"),
+        ([*SMALL, "--repeats", "-3"], "--repeats"),
+        (["bench", *SMALL, "--warmup", "-1"], "--warmup"),
+    ],
+)
+def test_timing_counts_are_checked_as_usage_errors(capsys, argv: list[str], option: str) -> None:
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert f"argument {option}: must be >=" in err
+
+
+@pytest.mark.parametrize("command", [["transform"], []])
+def test_an_unwritable_out_is_a_usage_error_before_any_work(
+    capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    import fxfactorize
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was transformed before --out was checked")
+
+    monkeypatch.setattr(fxfactorize, "transform", no_work)
+    monkeypatch.setattr(fxfactorize, "plan", no_work)
+    a_file = tmp_path / "weights.txt"
+    a_file.write_text("")
+    for out in (a_file, a_file / "inside"):
+        code, out_text, err = run(capsys, *command, *SMALL, "--out", str(out))
+        assert code == 2 and out_text == ""
+        assert f"--out {str(out)!r}" in err and "is not a directory" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anywhere")
+def test_a_read_only_out_directory_is_a_usage_error(capsys, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, _, err = run(capsys, "transform", *SMALL, "--out", str(locked / "model"))
+    assert code == 2 and "is not writable" in err
