@@ -2,7 +2,8 @@
 
 With no subcommand it runs the main job: build a model (torchvision ``resnet50``, random init,
 fixed seed), print the plan, transform, print the report, check the outputs, and time both models.
-Subcommands do one part each: ``plan``, ``transform --out DIR``, ``report DIR``, ``bench``.
+Subcommands do one part each: ``plan``, ``transform --out DIR``, ``report DIR``, ``bench``,
+``profile`` (the latency cost model's device profile: show, ``--remeasure``, ``--clear``).
 
 Exit codes: 0 ok, 2 usage error, 1 failure (one line on stderr; a traceback with ``--debug``).
 """
@@ -350,6 +351,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("directory", metavar="DIR", help="a directory written by fxfactorize.save")
     add("bench", "median eager latency of the original vs the transformed model", bench=True)
+    profile = add(
+        "profile",
+        "show the latency cost model's device profile for this machine (measured and cached "
+        "if there is none yet), re-measure it, or clear the cache",
+        model=False,
+    )
+    profile.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    profile.add_argument(
+        "--dtype", default="float32", help="dtype the profile is for (default: float32)"
+    )
+    profile.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=None,
+        help="torch CPU threads (part of the key; default: torch's own choice)",
+    )
+    action = profile.add_mutually_exclusive_group()
+    action.add_argument(
+        "--remeasure", action="store_true", help="measure again and store it in the cache"
+    )
+    action.add_argument(
+        "--clear",
+        action="store_true",
+        help="delete the cache file (every machine's entries; each re-measures on next use)",
+    )
     return parser
 
 
@@ -571,6 +597,56 @@ def _cmd_transform(args: argparse.Namespace, *, full_job: bool = False) -> int:
     return 0
 
 
+_SOURCES = {
+    "pinned": "pinned in this process (set_device_profile)",
+    "environment": "$FXFACTORIZE_DEVICE_PROFILE",
+    "process": "measured earlier in this process",
+    "cache": "cache file {cache_file}",
+    "measured": "measured now, stored in {cache_file}",
+}
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from fxfactorize.costmodels import roofline
+
+    if args.clear:
+        where = roofline.profile_cache_file()
+        removed = roofline.clear_profile_cache()
+        document = {"cleared": str(removed) if removed else None, "cache_file": str(where)}
+        text = f"removed {removed}" if removed else f"no cache file at {where}"
+        _emit(args, document, text)
+        return 0
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise UsageError(f"--dtype must name a torch dtype such as float32; got {args.dtype!r}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise UsageError(f"--device {args.device!r}: {error}") from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    found = roofline.resolve_device_profile(str(device), dtype, remeasure=args.remeasure)
+    source = _SOURCES[found.source].format(cache_file=found.cache_file)
+    numbers = dataclasses.asdict(found.profile)
+    document = {
+        "key": found.key,
+        **numbers,
+        "source": found.source,
+        "cache_file": str(found.cache_file),
+        "remeasured": args.remeasure,
+    }
+    rows = [
+        ["FLOP/s (large matrix product)", f"{numbers['flops_per_s']:.3g}"],
+        ["bytes/s (streamed weight)", f"{numbers['bytes_per_s']:.3g}"],
+        ["seconds per call", f"{numbers['launch_s']:.3g}"],
+    ]
+    lines = [f"device profile {found.key}", tabulate(rows, tablefmt="plain"), f"from: {source}"]
+    if args.remeasure and found.source in ("pinned", "environment"):
+        lines.append(f"(re-measured and stored in {found.cache_file}; used when not overridden)")
+    _emit(args, document, "\n".join(lines))
+    return 0
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of each record (it may be swapped)."""
 
@@ -617,6 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "transform": _cmd_transform,
         "report": _cmd_report,
         "bench": _cmd_bench,
+        "profile": _cmd_profile,
         None: lambda a: _cmd_transform(a, full_job=True),
     }
     try:

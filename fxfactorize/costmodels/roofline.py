@@ -40,6 +40,7 @@ __all__ = [
     "clear_profile_cache",
     "device_profile",
     "profile_from_env",
+    "profile_cache_file",
     "profile_key",
     "resolve_device_profile",
     "set_device_profile",
@@ -108,7 +109,13 @@ def profile_from_env() -> DeviceProfile | None:
     return DeviceProfile(flops, moved, launch)
 
 
-def _cache_file() -> Path:
+def profile_cache_file() -> Path:
+    """Where measured profiles are cached: ``$FXFACTORIZE_CACHE_DIR/device_profiles.json``
+    (default directory ``~/.cache/fxfactorize``).
+
+    >>> profile_cache_file().name
+    'device_profiles.json'
+    """
     root = os.environ.get("FXFACTORIZE_CACHE_DIR") or Path.home() / ".cache" / "fxfactorize"
     return Path(root) / "device_profiles.json"
 
@@ -267,7 +274,7 @@ def resolve_device_profile(
     ('pinned', 1e-06, True)
     >>> set_device_profile(None)
     """
-    key, path = profile_key(device, dtype), _cache_file()
+    key, path = profile_key(device, dtype), profile_cache_file()
     if remeasure:
         log.info("measuring %s for the latency cost model (cached in %s)", key, path)
         _MEASURED[key] = _measure(device, dtype)
@@ -315,7 +322,7 @@ def clear_profile_cache() -> Path | None:
     >>> del os.environ["FXFACTORIZE_CACHE_DIR"]
     """
     _MEASURED.clear()
-    path = _cache_file()
+    path = profile_cache_file()
     try:
         path.unlink()
     except FileNotFoundError:
