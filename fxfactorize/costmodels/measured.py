@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fxfactorize.costmodels.base import LayerSite
+from fxfactorize.costmodels.roofline import PROFILE_NOISE
 from fxfactorize.costmodels.timing import median_seconds
 
 __all__ = ["MeasuredCostModel"]
@@ -22,6 +23,9 @@ class MeasuredCostModel:
     The pair is built with random weights (timing does not depend on their values). With
     ``compile=True`` both candidates run under ``torch.compile``. ``timer`` maps a zero-argument
     callable to seconds (default: median of repeats); results are cached per shape and rank.
+    Each timing is trusted to ±``noise``, so a pair pays only if it is ``margin`` faster with both
+    timings off against it by twice that (see :meth:`RooflineCostModel.pays
+    <fxfactorize.costmodels.RooflineCostModel.pays>`); ``noise=0`` compares the timings as they are.
 
     >>> from fxfactorize.passes.cost import LayerShape
     >>> fake = lambda fn: 1.0 if getattr(fn, "rank", None) is None else 0.5
@@ -39,8 +43,10 @@ class MeasuredCostModel:
         compile: bool = False,
         timer: Timer | None = None,
         method: str = "lowrank",
+        noise: float = PROFILE_NOISE,
     ) -> None:
         self.margin = margin
+        self.noise = noise
         self.compile = compile
         self.timer = timer or median_seconds
         self.method = method
@@ -76,4 +82,17 @@ class MeasuredCostModel:
         return self._cache[key]
 
     def pays(self, site: LayerSite, rank: int) -> bool:
-        return self.cost(site, rank) <= (1.0 - self.margin) * self.cost(site, None)
+        """Whether the pair's time, made ``(1 - noise) ** -2`` slower, is ``margin`` below the
+        layer's made that much faster: a pair that one noise could carry across the margin never pays.
+
+        >>> from fxfactorize.passes.cost import describe_module
+        >>> linear = nn.Linear(64, 64)
+        >>> site = LayerSite(describe_module(linear, 2 * 64), linear, (2, 64))
+        >>> timer = lambda fn: 1.0 if fn.rank is None else 0.7  # the pair measured 30 % faster
+        >>> MeasuredCostModel(timer=timer, noise=0).pays(site, 8)
+        True
+        >>> MeasuredCostModel(timer=timer).pays(site, 8)  # but 10 % noise on each timing could undo it
+        False
+        """
+        spread = (1.0 - self.noise) ** -2
+        return self.cost(site, rank) * spread**2 <= (1.0 - self.margin) * self.cost(site, None)

@@ -19,6 +19,7 @@ from fxfactorize.policies import (
     candidate_ranks,
     module_error_curve,
     rank_for_tolerance,
+    rank_step,
 )
 from fxfactorize.report import LayerRecord, Plan
 
@@ -126,6 +127,13 @@ def _too_slow(site: LayerSite, rank: int, cost_model: CostModel) -> str | None:
         return None  # lowering an existing pair's rank: the margin guards against the original only
     if cost_model.pays(site, rank):
         return None
+    noise = getattr(cost_model, "noise", 0.0)
+    if noise and after <= (1.0 - cost_model.margin) * before:  # pays as measured, not robustly
+        return (
+            f"{cost_model.name} cost model: rank {rank} is predicted {1 - after / before:.0%} "
+            f"cheaper ({before:.3g} → {after:.3g} {cost_model.unit}), but within the noise band "
+            f"of the {cost_model.margin:.0%} margin (measured numbers ±{noise:.0%}): kept dense"
+        )
     return (
         f"{cost_model.name} cost model: rank {rank} is not cheaper by "
         f"{cost_model.margin:.0%} ({before:.3g} → {after:.3g} {cost_model.unit})"
@@ -158,8 +166,9 @@ def _policy_ranks(
     config: FactorizeConfig,
     cost_model: CostModel,
     moments: Mapping[str, InputMoments] | None,
-) -> dict[str, int | None]:
-    """The rank the tolerance or budget policy gives each considered layer (``None``: keep it)."""
+) -> tuple[dict[str, int | None], dict[str, str]]:
+    """The rank the tolerance or budget policy gives each considered layer (``None``: keep it),
+    and why each kept layer is kept."""
     nodes = {target: node for target, (node, _) in _layer_nodes(gm).items()}
     considered = [
         (target, site)
@@ -170,10 +179,11 @@ def _policy_ranks(
         target: _error_curve(target, site, nodes[target], moments) for target, site in considered
     }
     if config.tolerance is not None:
-        return {
+        ranks = {
             target: rank_for_tolerance(curves[target], config.tolerance) for target, _ in considered
         }
-    items = []
+        return ranks, {}
+    items, reasons = [], {}
     for target, site in considered:
         errors = curves[target]
         ranks = candidate_ranks(
@@ -190,9 +200,16 @@ def _policy_ranks(
                 cost_model.cost(site, None),
             )
         )
+        step = rank_step(site.layer.max_rank, config.rank_multiple)
+        why = _too_slow(site, step, cost_model) if step < site.layer.max_rank else None
+        reasons[target] = (
+            f"budget={config.budget}: kept; no rank on its grid pays: {why}"
+            if not ranks
+            else f"budget={config.budget}: kept (the budget allows the original)"
+        )
     total = sum(cost_model.cost(site, None) for _, site, _ in entries)
     fixed = total - sum(item.original_cost for item in items)  # layers outside the allocation
-    return allocate_budget(items, config.budget * total - fixed)
+    return allocate_budget(items, config.budget * total - fixed), reasons
 
 
 def _budget_warning(
@@ -266,19 +283,14 @@ def plan_graph(
         for target, (node, layer) in layers.items()
     ]
     policy: dict[str, int | None] = {}
+    kept: dict[str, str] = {}
     if config.tolerance is not None or config.budget is not None:
-        policy = _policy_ranks(gm, entries, config, cost_model, moments)
+        policy, kept = _policy_ranks(gm, entries, config, cost_model, moments)
     records = []
     for target, site, _ in entries:
         node, layer = layers[target]
         if policy.get(target, 0) is None:
-            rank, reason = (
-                None,
-                (
-                    f"budget={config.budget}: kept (no rank predicted cheaper by the cost model, "
-                    "or the budget allows the original)"
-                ),
-            )
+            rank, reason = None, kept[target]
         elif target in tied:
             rank, reason = None, tied[target]
         else:
