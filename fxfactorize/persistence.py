@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fxfactorize._version import __version__
 from fxfactorize.errors import FactorizeError, TraceError
 from fxfactorize.methods import get_method
 from fxfactorize.modules.factorized import _FactorizedModule
@@ -42,8 +43,6 @@ class LoadError(FactorizeError):
 
 
 def _versions() -> dict[str, str]:
-    from fxfactorize import __version__
-
     return {"fxfactorize": __version__, "torch": torch.__version__}
 
 
