@@ -10,6 +10,7 @@
 import logging
 
 from fxfactorize import costmodels, policies, surgery
+from fxfactorize._version import __version__
 from fxfactorize.api import plan, transform
 from fxfactorize.apply import apply_factorization
 from fxfactorize.config import FactorizeConfig
@@ -38,9 +39,9 @@ from fxfactorize.report import (
 
 logging.getLogger("fxfactorize").addHandler(logging.NullHandler())
 
-__version__ = "0.1.0"
 
 __all__ = [
+    "__version__",
     "CalibrationError",
     "apply_factorization",
     "surgery",

@@ -2,7 +2,8 @@
 
 With no subcommand it runs the main job: build a model (torchvision ``resnet50``, random init,
 fixed seed), print the plan, transform, print the report, check the outputs, and time both models.
-Subcommands do one part each: ``plan``, ``transform --out DIR``, ``report DIR``, ``bench``.
+Subcommands do one part each: ``plan``, ``transform --out DIR``, ``report DIR``, ``bench``,
+``profile`` (the latency cost model's device profile: show, ``--remeasure``, ``--clear``).
 
 Exit codes: 0 ok, 2 usage error, 1 failure (one line on stderr; a traceback with ``--debug``).
 """
@@ -14,18 +15,20 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from tabulate import tabulate
 from torch import nn
 
-__all__ = ["build_model", "main", "measure_latency", "parse_input_shape"]
+__all__ = ["build_model", "check_output_dir", "main", "measure_latency", "parse_input_shape"]
 
 log = logging.getLogger("fxfactorize")
 
@@ -154,6 +157,21 @@ def _parse_number(text: str) -> int | float:
             raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
 
 
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for ints ``>= minimum`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {value}")
+        return value
+
+    return parse
+
+
 def _parse_any(text: str) -> Any:
     """For config fields of other types: a JSON value (number, list, null…) or else the string."""
     try:
@@ -273,13 +291,15 @@ def _add_bench_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     group = parser.add_argument_group("timing")
     group.add_argument(
         "--repeats",
-        type=int,
+        type=_int_at_least(1),
+        metavar="N",
         default=default(10),
         help="timed forward passes per model, interleaved (default: 10)",
     )
     group.add_argument(
         "--warmup",
-        type=int,
+        type=_int_at_least(0),
+        metavar="N",
         default=default(2),
         help="untimed forward passes per model first (default: 2)",
     )
@@ -331,6 +351,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("directory", metavar="DIR", help="a directory written by fxfactorize.save")
     add("bench", "median eager latency of the original vs the transformed model", bench=True)
+    profile = add(
+        "profile",
+        "show the latency cost model's device profile for this machine (measured and cached "
+        "if there is none yet), re-measure it, or clear the cache",
+        model=False,
+    )
+    profile.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    profile.add_argument(
+        "--dtype", default="float32", help="dtype the profile is for (default: float32)"
+    )
+    profile.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=None,
+        help="torch CPU threads (part of the key; default: torch's own choice)",
+    )
+    action = profile.add_mutually_exclusive_group()
+    action.add_argument(
+        "--remeasure", action="store_true", help="measure again and store it in the cache"
+    )
+    action.add_argument(
+        "--clear",
+        action="store_true",
+        help="delete the cache file (every machine's entries; each re-measures on next use)",
+    )
     return parser
 
 
@@ -366,14 +411,36 @@ def _prepare(args: argparse.Namespace) -> _Run:
         if args.threads < 1:
             raise UsageError(f"--threads must be >= 1; got {args.threads}")
         torch.set_num_threads(args.threads)
-    if getattr(args, "out", None) == "":
-        raise UsageError("--out must name a directory; got ''")
+    if getattr(args, "out", None) is not None:
+        check_output_dir(args.out)
     shape = parse_input_shape(args.input_shape)
     torch.manual_seed(args.seed)
     model = build_model(args.model)
     example = torch.randn(shape)
     calibration = load_calibration(args.calibration, shape[0]) if args.calibration else None
     return _Run(args.model, model, example, config, calibration)
+
+
+def check_output_dir(path: str) -> None:
+    """``UsageError`` naming ``--out`` unless ``path`` is, or can be made, a writable directory.
+
+    Checked before any work, so that a bad ``--out`` does not fail after a long transform.
+
+    >>> import tempfile
+    >>> check_output_dir(tempfile.mkdtemp() + "/new/folder")
+    >>> check_output_dir("")
+    Traceback (most recent call last):
+    ...
+    fxfactorize.cli.UsageError: --out must name a directory; got ''
+    """
+    if not path:
+        raise UsageError("--out must name a directory; got ''")
+    folder = Path(path)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise UsageError(f"--out {path!r}: {str(existing)!r} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {path!r}: {str(existing)!r} is not writable")
 
 
 def load_calibration(path: str, batch_size: int) -> list:
@@ -530,6 +597,56 @@ def _cmd_transform(args: argparse.Namespace, *, full_job: bool = False) -> int:
     return 0
 
 
+_SOURCES = {
+    "pinned": "pinned in this process (set_device_profile)",
+    "environment": "$FXFACTORIZE_DEVICE_PROFILE",
+    "process": "measured earlier in this process",
+    "cache": "cache file {cache_file}",
+    "measured": "measured now, stored in {cache_file}",
+}
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from fxfactorize.costmodels import roofline
+
+    if args.clear:
+        where = roofline.profile_cache_file()
+        removed = roofline.clear_profile_cache()
+        document = {"cleared": str(removed) if removed else None, "cache_file": str(where)}
+        text = f"removed {removed}" if removed else f"no cache file at {where}"
+        _emit(args, document, text)
+        return 0
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise UsageError(f"--dtype must name a torch dtype such as float32; got {args.dtype!r}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        raise UsageError(f"--device {args.device!r}: {error}") from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    found = roofline.resolve_device_profile(str(device), dtype, remeasure=args.remeasure)
+    source = _SOURCES[found.source].format(cache_file=found.cache_file)
+    numbers = dataclasses.asdict(found.profile)
+    document = {
+        "key": found.key,
+        **numbers,
+        "source": found.source,
+        "cache_file": str(found.cache_file),
+        "remeasured": args.remeasure,
+    }
+    rows = [
+        ["FLOP/s (large matrix product)", f"{numbers['flops_per_s']:.3g}"],
+        ["bytes/s (streamed weight)", f"{numbers['bytes_per_s']:.3g}"],
+        ["seconds per call", f"{numbers['launch_s']:.3g}"],
+    ]
+    lines = [f"device profile {found.key}", tabulate(rows, tablefmt="plain"), f"from: {source}"]
+    if args.remeasure and found.source in ("pinned", "environment"):
+        lines.append(f"(re-measured and stored in {found.cache_file}; used when not overridden)")
+    _emit(args, document, "\n".join(lines))
+    return 0
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of each record (it may be swapped)."""
 
@@ -576,6 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "transform": _cmd_transform,
         "report": _cmd_report,
         "bench": _cmd_bench,
+        "profile": _cmd_profile,
         None: lambda a: _cmd_transform(a, full_job=True),
     }
     try:

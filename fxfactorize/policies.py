@@ -27,6 +27,7 @@ __all__ = [
     "error_curve",
     "module_error_curve",
     "rank_for_tolerance",
+    "rank_step",
 ]
 
 log = logging.getLogger("fxfactorize")
@@ -138,6 +139,15 @@ def allocate_budget(items: Sequence[BudgetItem], budget: float) -> dict[str, int
     return allocation
 
 
+def rank_step(max_rank: int, multiple: int = 1, points: int = 32) -> int:
+    """The spacing of :func:`candidate_ranks`' grid: about ``points`` multiples of ``multiple``.
+
+    >>> rank_step(256), rank_step(64, multiple=8)
+    (8, 8)
+    """
+    return max(multiple, (max_rank // points) // multiple * multiple)
+
+
 def candidate_ranks(
     max_rank: int, pays: Callable[[int], bool], multiple: int = 1, points: int = 32
 ) -> list[int]:
@@ -146,7 +156,7 @@ def candidate_ranks(
     >>> candidate_ranks(64, lambda r: r < 40, multiple=8)
     [8, 16, 24, 32]
     """
-    step = max(multiple, (max_rank // points) // multiple * multiple)
+    step = rank_step(max_rank, multiple, points)
     ranks = []
     for rank in range(step, max_rank, step):
         if not pays(rank):

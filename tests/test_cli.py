@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -187,3 +188,103 @@ def test_python_dash_m_exit_code_for_usage_errors() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("fxfactorize: error:")
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["bench", *SMALL, "--repeats", "0"], "--repeats"),
+        ([*SMALL, "--repeats", "-3"], "--repeats"),
+        (["bench", *SMALL, "--warmup", "-1"], "--warmup"),
+    ],
+)
+def test_timing_counts_are_checked_as_usage_errors(capsys, argv: list[str], option: str) -> None:
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert f"argument {option}: must be >=" in err
+
+
+@pytest.mark.parametrize("command", [["transform"], []])
+def test_an_unwritable_out_is_a_usage_error_before_any_work(
+    capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    import fxfactorize
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was transformed before --out was checked")
+
+    monkeypatch.setattr(fxfactorize, "transform", no_work)
+    monkeypatch.setattr(fxfactorize, "plan", no_work)
+    a_file = tmp_path / "weights.txt"
+    a_file.write_text("")
+    for out in (a_file, a_file / "inside"):
+        code, out_text, err = run(capsys, *command, *SMALL, "--out", str(out))
+        assert code == 2 and out_text == ""
+        assert f"--out {str(out)!r}" in err and "is not a directory" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anywhere")
+def test_a_read_only_out_directory_is_a_usage_error(capsys, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, _, err = run(capsys, "transform", *SMALL, "--out", str(locked / "model"))
+    assert code == 2 and "is not writable" in err
+
+
+@pytest.fixture
+def fake_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """An empty cache in tmp_path, no pinned profile, and a fake measurement (n, 2e9, 3e-6)."""
+    from fxfactorize.costmodels import DeviceProfile, roofline, set_device_profile
+
+    monkeypatch.setenv("FXFACTORIZE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(roofline.PROFILE_ENV, raising=False)
+    monkeypatch.setattr(roofline, "_MEASURED", {})
+    set_device_profile(None)
+    calls: list[int] = []
+
+    def measure(device, dtype):
+        calls.append(1)
+        return DeviceProfile(1e9 * len(calls), 2e9, 3e-6)
+
+    monkeypatch.setattr(roofline, "_measure", measure)
+    return calls
+
+
+def test_profile_shows_remeasures_and_clears_the_cache(capsys, tmp_path: Path, fake_device) -> None:
+    from fxfactorize.costmodels import roofline
+
+    cache = tmp_path / "device_profiles.json"
+    code, out, _ = run(capsys, "profile", "--json")
+    shown = json.loads(out)
+    assert code == 0 and shown["source"] == "measured" and shown["flops_per_s"] == 1e9
+    assert shown["key"] == roofline.profile_key() and shown["cache_file"] == str(cache)
+    assert list(json.loads(cache.read_text())) == [shown["key"]]
+
+    roofline._MEASURED.clear()  # a new process reads the cache
+    code, out, _ = run(capsys, "profile")
+    assert code == 0 and fake_device == [1]
+    assert roofline.profile_key() in out and "1e+09" in out
+    assert f"from: cache file {cache}" in out
+
+    code, out, _ = run(capsys, "profile", "--remeasure", "--json")
+    assert code == 0 and json.loads(out)["flops_per_s"] == 2e9 and fake_device == [1, 1]
+    assert json.loads(cache.read_text())[roofline.profile_key()]["flops_per_s"] == 2e9
+
+    code, out, _ = run(capsys, "profile", "--clear")
+    assert code == 0 and str(cache) in out and not cache.exists()
+    code, out, _ = run(capsys, "profile", "--clear")
+    assert code == 0 and "no cache file" in out
+
+
+def test_profile_names_an_environment_profile_and_rejects_bad_values(
+    capsys, fake_device, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fxfactorize.costmodels import roofline
+
+    monkeypatch.setenv(roofline.PROFILE_ENV, "5e10,1e10,0")
+    code, out, _ = run(capsys, "profile")
+    assert code == 0 and "from: $FXFACTORIZE_DEVICE_PROFILE" in out and fake_device == []
+    code, _, err = run(capsys, "profile", "--dtype", "float99")
+    assert code == 2 and "--dtype" in err
+    code, _, err = run(capsys, "profile", "--clear", "--remeasure")
+    assert code == 2 and "not allowed with" in err

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fxfactorize.costmodels.base import LayerSite, register_cost_model
+from fxfactorize.costmodels.roofline import PROFILE_NOISE
 from fxfactorize.costmodels.timing import median_seconds
 
 __all__ = ["MeasuredCostModel"]
@@ -25,6 +26,9 @@ class MeasuredCostModel:
     depend on their values). With
     ``compile=True`` both candidates run under ``torch.compile``. ``timer`` maps a zero-argument
     callable to seconds (default: median of repeats); results are cached per shape and rank.
+    Each timing is trusted to ±``noise``, so a pair pays only if it is ``margin`` faster with both
+    timings off against it by twice that (see :meth:`RooflineCostModel.pays
+    <fxfactorize.costmodels.RooflineCostModel.pays>`); ``noise=0`` compares the timings as they are.
 
     >>> from fxfactorize.layers import LayerShape
     >>> fake = lambda fn: 1.0 if getattr(fn, "rank", None) is None else 0.5
@@ -42,6 +46,7 @@ class MeasuredCostModel:
         compile: bool = False,
         timer: Timer | None = None,
         method: str | None = None,
+        noise: float = PROFILE_NOISE,
     ) -> None:
         if method is not None:  # the plan now hands over the pair (LayerSite.build)
             warnings.warn(
@@ -51,6 +56,7 @@ class MeasuredCostModel:
                 stacklevel=2,
             )
         self.margin = margin
+        self.noise = noise
         self.compile = compile
         self.timer = timer or median_seconds
         self._cache: dict[tuple, float] = {}
@@ -81,4 +87,17 @@ class MeasuredCostModel:
         return self._cache[key]
 
     def pays(self, site: LayerSite, rank: int) -> bool:
-        return self.cost(site, rank) <= (1.0 - self.margin) * self.cost(site, None)
+        """Whether the pair's time, made ``(1 - noise) ** -2`` slower, is ``margin`` below the
+        layer's made that much faster: a pair that one noise could carry across the margin never pays.
+
+        >>> from fxfactorize.passes.cost import describe_module
+        >>> linear = nn.Linear(64, 64)
+        >>> site = LayerSite(describe_module(linear, 2 * 64), linear, (2, 64))
+        >>> timer = lambda fn: 1.0 if fn.rank is None else 0.7  # the pair measured 30 % faster
+        >>> MeasuredCostModel(timer=timer, noise=0).pays(site, 8)
+        True
+        >>> MeasuredCostModel(timer=timer).pays(site, 8)  # but 10 % noise on each timing could undo it
+        False
+        """
+        spread = (1.0 - self.noise) ** -2
+        return self.cost(site, rank) * spread**2 <= (1.0 - self.margin) * self.cost(site, None)

@@ -1,4 +1,4 @@
-"""Wall-clock timing of a callable: warm-up, then the median of repeats (synchronised on GPU)."""
+"""Wall-clock timing of a callable: warm-up, then repeats (synchronised on GPU)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,10 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["median_seconds"]
+__all__ = ["best_seconds", "median_seconds"]
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall-clock seconds of one call of ``fn`` over ``repeats`` calls, after ``warmup``.
-
-    >>> median_seconds(lambda: sum(range(100)), repeats=3, warmup=1) > 0
-    True
-    """
+def _samples(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     with torch.no_grad():
         for _ in range(warmup):
@@ -28,4 +23,25 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) 
             fn()
             sync()
             samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return samples
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall-clock seconds of one call of ``fn`` over ``repeats`` calls, after ``warmup``.
+
+    >>> median_seconds(lambda: sum(range(100)), repeats=3, warmup=1) > 0
+    True
+    """
+    return statistics.median(_samples(fn, repeats, warmup))
+
+
+def best_seconds(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
+    """Fastest wall-clock seconds of one call of ``fn`` over ``repeats`` calls, after ``warmup``.
+
+    What the device can do: other work on the machine only ever adds time, so the minimum varies
+    less between runs than the median (for a micro-benchmark, not for a whole model).
+
+    >>> best_seconds(lambda: sum(range(100)), repeats=3, warmup=1) > 0
+    True
+    """
+    return min(_samples(fn, repeats, warmup))

@@ -17,6 +17,9 @@ __all__ = [
     "get_method",
     "register_method",
     "registered_methods",
+    "spec_bool",
+    "spec_int",
+    "spec_value",
 ]
 
 #: The method for layers the configured method does not handle (Composer's rank-r pair).
@@ -63,6 +66,14 @@ class Method(Protocol):
     def describe(self, replacement: nn.Module) -> dict:
         """A JSON-able spec from which :meth:`rebuild` recreates ``replacement``'s structure."""
 
+    def spec_shapes(self, layer: LayerShape, spec: dict) -> dict[str, tuple[int, ...]]:
+        """The state-dict shapes (keys relative to the replacement) :meth:`rebuild` would give.
+
+        Computed without building anything, so a spec read from a file can be checked against
+        the saved tensors first; ``ValueError`` naming the spec key when ``spec`` is malformed
+        or out of bounds for ``layer``.
+        """
+
     def rebuild(self, module: nn.Module, layer: LayerShape, spec: dict) -> nn.Module:
         """An (unsolved) replacement for ``module`` shaped as ``spec`` says; weights are loaded after."""
 
@@ -92,3 +103,51 @@ def get_method(name: str) -> Method:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"method must be one of {registered_methods()}; got {name!r}") from None
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def spec_value(spec: dict, key: str) -> object:
+    """``spec[key]``; ``ValueError`` naming the key when it is missing.
+
+    >>> spec_value({"rank": 8}, "bias")
+    Traceback (most recent call last):
+    ...
+    ValueError: spec has no 'bias'
+    """
+    if key not in spec:
+        raise ValueError(f"spec has no {key!r}")
+    return spec[key]
+
+
+def spec_int(spec: dict, key: str, low: int, high: int) -> int:
+    """``spec[key]`` when it is an int (not a bool, not a float) in ``[low, high]``.
+
+    >>> spec_int({"rank": 8}, "rank", 1, 32)
+    8
+    >>> spec_int({"rank": 128.9}, "rank", 1, 32)
+    Traceback (most recent call last):
+    ...
+    ValueError: spec 'rank' must be an int in [1, 32]; got 128.9
+    """
+    value = spec_value(spec, key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"spec {key!r} must be an int in [{low}, {high}]; got {_short(value)}")
+    return value
+
+
+def spec_bool(spec: dict, key: str) -> bool:
+    """``spec[key]`` when it is a bool (JSON ``true``/``false``).
+
+    >>> spec_bool({"bias": 1}, "bias")
+    Traceback (most recent call last):
+    ...
+    ValueError: spec 'bias' must be true or false; got 1
+    """
+    value = spec_value(spec, key)
+    if not isinstance(value, bool):
+        raise ValueError(f"spec {key!r} must be true or false; got {_short(value)}")
+    return value

@@ -8,7 +8,7 @@ from fxfactorize.core.lowrank import factorize_weight
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.solution import LowRankSolution
 from fxfactorize.layers import LayerShape, conv_arguments, grouped_weight, layer_kind
-from fxfactorize.methods.base import Solved, register_method
+from fxfactorize.methods.base import Solved, register_method, spec_bool, spec_int
 from fxfactorize.modules import (
     FactorizedConv1d,
     FactorizedConv2d,
@@ -65,6 +65,29 @@ class LowRankMethod:
 
     def describe(self, replacement: nn.Module) -> dict:
         return {"rank": replacement.latent_size, "bias": replacement.has_bias}
+
+    def spec_shapes(self, layer: LayerShape, spec: dict) -> dict[str, tuple[int, ...]]:
+        """Shapes of the pair's weights: the rank must be an int in ``[1, layer.max_rank]``.
+
+        >>> layer = LayerShape("conv2d", 32, 64, (3, 3), 1, positions=16, bias=True)
+        >>> LowRankMethod().spec_shapes(layer, {"rank": 8, "bias": False})
+        {'module0.weight': (8, 32, 3, 3), 'module1.weight': (64, 8, 1, 1)}
+        """
+        rank = spec_int(spec, "rank", 1, layer.max_rank)
+        has_bias = spec_bool(spec, "bias")
+        if rank % layer.groups:
+            raise ValueError(f"spec 'rank' must be a multiple of groups={layer.groups}; got {rank}")
+        shapes = {
+            "module0.weight": (rank, layer.in_features // layer.groups, *layer.kernel),
+            "module1.weight": (
+                layer.out_features,
+                rank // layer.groups,
+                *(1 for _ in layer.kernel),
+            ),
+        }
+        if has_bias:
+            shapes["module1.bias"] = (layer.out_features,)
+        return shapes
 
     def rebuild(self, module: nn.Module, layer: LayerShape, spec: dict) -> nn.Module:
         reference = grouped_weight(module)[0]

@@ -13,15 +13,21 @@ from torch import nn
 from fxfactorize.core.lowrank import output_nmse
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.layers import LayerShape
-from fxfactorize.methods.base import Solved, register_method
+from fxfactorize.methods.base import Solved, register_method, spec_bool, spec_value
 from fxfactorize.tensorized.layer import FactorizedLinear, forward_macs
 from fxfactorize.tensorized.ranks import resolve_ranks
-from fxfactorize.tensorized.structure import FORMATS, Structure
-from fxfactorize.tensorized.tensorize import tensorize_features
+from fxfactorize.tensorized.structure import FORMATS, Structure, normalize_factorization
+from fxfactorize.tensorized.tensorize import tensorize_features, validate_tensorized_features
 
 __all__ = ["TensorizedMethod", "register_tensorized_methods"]
 
 N_MODES = 3
+#: A saved spec may give at most this many times ``in · out + in + out`` parameters (the plan's
+#: ranks give at most about 2 · in · out: a rank-r budget is ``r · (in + out)``, ``r <= min(in, out)``).
+MAX_PARAMETER_FACTOR = 4
+#: At most this many modes per side in a saved spec (the pass writes N_MODES; TensorLy-Torch
+#: users write a handful): bounds the work of checking a spec read from a file.
+MAX_SPEC_MODES = 32
 
 
 class TensorizedMethod:
@@ -101,6 +107,50 @@ class TensorizedMethod:
             "bias": replacement.bias is not None,
         }
 
+    def spec_shapes(self, layer: LayerShape, spec: dict) -> dict[str, tuple[int, ...]]:
+        """Shapes of the factors (and bias) of the spec's structure, bounded by the layer's size.
+
+        >>> layer = LayerShape("linear", 64, 64, (), 1, positions=2, bias=True)
+        >>> spec = {"factorization": "blocktt", "in_tensorized_features": [4, 4, 4],
+        ...         "out_tensorized_features": [4, 4, 4], "rank": [1, 1500, 1500, 1], "bias": True}
+        >>> TensorizedMethod("blocktt").spec_shapes(layer, spec)
+        Traceback (most recent call last):
+        ...
+        ValueError: spec 'rank' (1, 1500, 1500, 1) gives 36,048,000 parameters, more than 16,896 (= 4 × (in·out + in + out)) for a 64→64 Linear
+        """
+        structure = self._spec_structure(layer, spec)
+        shapes = {f"factors.{k}": shape for k, (shape, _) in enumerate(structure.factors())}
+        if spec_bool(spec, "bias"):
+            shapes["bias"] = (layer.out_features,)
+        return shapes
+
+    def _spec_structure(self, layer: LayerShape, spec: dict) -> Structure:
+        factorization = normalize_factorization(spec_value(spec, "factorization"))
+        if factorization != self.name:
+            raise ValueError(f"spec 'factorization' {factorization!r} is not {self.name!r}")
+        in_modes, out_modes = (
+            validate_tensorized_features(_spec_list(spec, key, MAX_SPEC_MODES), features, key)
+            for key, features in (
+                ("in_tensorized_features", layer.in_features),
+                ("out_tensorized_features", layer.out_features),
+            )
+        )
+        if self.name == "blocktt" and len(in_modes) != len(out_modes):
+            raise ValueError(
+                "in_tensorized_features and out_tensorized_features must have the same number of "
+                f"modes for 'blocktt'; got {in_modes} and {out_modes}"
+            )
+        structure = resolve_ranks(self.name, in_modes, out_modes, tuple(_spec_list(spec, "rank")))
+        n_in, n_out = layer.in_features, layer.out_features
+        limit = MAX_PARAMETER_FACTOR * (n_in * n_out + n_in + n_out)
+        if structure.n_parameters > limit:
+            raise ValueError(
+                f"spec 'rank' {structure.ranks} gives {structure.n_parameters:,} parameters, more "
+                f"than {limit:,} (= {MAX_PARAMETER_FACTOR} × (in·out + in + out)) for a "
+                f"{n_in}→{n_out} Linear"
+            )
+        return structure
+
     def rebuild(self, module: nn.Module, layer: LayerShape, spec: dict) -> nn.Module:
         new = FactorizedLinear(
             tuple(spec["in_tensorized_features"]),
@@ -114,6 +164,15 @@ class TensorizedMethod:
         )
         new.train(module.training)
         return new
+
+
+def _spec_list(spec: dict, key: str, max_length: int | None = None) -> list:
+    value = spec_value(spec, key)
+    if not isinstance(value, list):
+        raise ValueError(f"spec {key!r} must be a list of ints; got {value!r:.60}")
+    if max_length is not None and len(value) > max_length:
+        raise ValueError(f"spec {key!r} has {len(value)} entries; at most {max_length} are read")
+    return value
 
 
 def register_tensorized_methods(register=register_method) -> None:

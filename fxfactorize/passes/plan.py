@@ -21,6 +21,7 @@ from fxfactorize.policies import (
     candidate_ranks,
     module_error_curve,
     rank_for_tolerance,
+    rank_step,
 )
 from fxfactorize.report import LayerRecord, Plan
 
@@ -144,6 +145,13 @@ def _too_slow(site: LayerSite, rank: int, cost_model: CostModel) -> str | None:
         return None  # lowering an existing pair's rank: the margin guards against the original only
     if cost_model.pays(site, rank):
         return None
+    noise = getattr(cost_model, "noise", 0.0)
+    if noise and after <= (1.0 - cost_model.margin) * before:  # pays as measured, not robustly
+        return (
+            f"{cost_model.name} cost model: rank {rank} is predicted {1 - after / before:.0%} "
+            f"cheaper ({before:.3g} → {after:.3g} {cost_model.unit}), but within the noise band "
+            f"of the {cost_model.margin:.0%} margin (measured numbers ±{noise:.0%}): kept dense"
+        )
     return (
         f"{cost_model.name} cost model: rank {rank} is not cheaper by "
         f"{cost_model.margin:.0%} ({before:.3g} → {after:.3g} {cost_model.unit})"
@@ -175,8 +183,9 @@ def _policy_ranks(
     config: FactorizeConfig,
     cost_model: CostModel,
     moments: Mapping[str, InputMoments] | None,
-) -> dict[str, int | None]:
-    """The rank the tolerance or budget policy gives each considered layer (``None``: keep it)."""
+) -> tuple[dict[str, int | None], dict[str, str]]:
+    """The rank the tolerance or budget policy gives each considered layer (``None``: keep it),
+    and why each kept layer is kept."""
     considered = [
         entry
         for entry in entries
@@ -184,10 +193,11 @@ def _policy_ranks(
     ]
     curves = {entry.target: _error_curve(entry, moments) for entry in considered}
     if config.tolerance is not None:
-        return {
+        ranks = {
             e.target: rank_for_tolerance(curves[e.target], config.tolerance) for e in considered
         }
-    items = []
+        return ranks, {}
+    items, reasons = [], {}
     for entry in considered:
         site, errors = entry.site, curves[entry.target]
         ranks = candidate_ranks(
@@ -204,9 +214,16 @@ def _policy_ranks(
                 cost_model.cost(site, None),
             )
         )
+        step = rank_step(site.layer.max_rank, config.rank_multiple)
+        why = _too_slow(site, step, cost_model) if step < site.layer.max_rank else None
+        reasons[entry.target] = (
+            f"budget={config.budget}: kept; no rank on its grid pays: {why}"
+            if not ranks
+            else f"budget={config.budget}: kept (the budget allows the original)"
+        )
     total = sum(cost_model.cost(entry.site, None) for entry in entries)
     fixed = total - sum(item.original_cost for item in items)  # layers outside the allocation
-    return allocate_budget(items, config.budget * total - fixed)
+    return allocate_budget(items, config.budget * total - fixed), reasons
 
 
 def _budget_warning(
@@ -327,9 +344,10 @@ def plan_layers(
     get_method(config.method)  # an unknown method is an error even if no Linear uses it
     cost_model = get_cost_model(config.cost_model)
     policy: dict[str, int | None] = {}
+    kept: dict[str, str] = {}
     if config.tolerance is not None or config.budget is not None:
-        policy = _policy_ranks(entries, config, cost_model, moments)
-    records = [_record(entry, config, cost_model, policy) for entry in entries]
+        policy, kept = _policy_ranks(entries, config, cost_model, moments)
+    records = [_record(entry, config, cost_model, policy, kept) for entry in entries]
     sites = {entry.target: entry.site for entry in entries}
     warning = _budget_warning(records, sites, config, cost_model)
     return Plan(records, config, [warning] if warning else [])
@@ -340,17 +358,14 @@ def _record(
     config: FactorizeConfig,
     cost_model: CostModel,
     policy: Mapping[str, int | None],
+    kept: Mapping[str, str],
 ) -> LayerRecord:
-    """The plan's decision for one layer."""
+    """The plan's decision for one layer (``kept``: why the policy keeps a layer it gave no rank)."""
     site, layer, target = entry.site, entry.site.layer, entry.target
     if entry.skip is not None:
         rank, reason = None, entry.skip
     elif policy.get(target, 0) is None:
-        rank = None
-        reason = (
-            f"budget={config.budget}: kept (no rank predicted cheaper by the cost model, "
-            "or the budget allows the original)"
-        )
+        rank, reason = None, kept[target]
     else:
         rank, reason = _decide(layer, config, policy.get(target))
     method = get_method(method_for(layer, config))
