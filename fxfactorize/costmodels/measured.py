@@ -92,7 +92,8 @@ class MeasuredCostModel:
 
         >>> from fxfactorize.passes.cost import describe_module
         >>> linear = nn.Linear(64, 64)
-        >>> site = LayerSite(describe_module(linear, 2 * 64), linear, (2, 64))
+        >>> pair = lambda rank: nn.Sequential(nn.Linear(64, rank), nn.Linear(rank, 64))
+        >>> site = LayerSite(describe_module(linear, 2 * 64), linear, (2, 64), build=pair)
         >>> timer = lambda fn: 1.0 if fn.rank is None else 0.7  # the pair measured 30 % faster
         >>> MeasuredCostModel(timer=timer, noise=0).pays(site, 8)
         True
