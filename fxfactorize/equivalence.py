@@ -1,9 +1,11 @@
 """`check_equivalence`: does a candidate model compute what the reference does? Hypothesis decides.
 
-Hypothesis draws inputs shaped after the example inputs (other batch sizes, value distributions,
-magnitudes, special rows; integer inputs keep their range), runs both models in eval mode under
-``torch.no_grad()``, compares every output leaf by nmse and max abs error, and shrinks any failure to
-a small counterexample, raised as :class:`EquivalenceError`.
+First every factorized layer of the candidate is verified from the reference alone (the optimum for
+its rank, see :mod:`fxfactorize.optimality`); then Hypothesis draws inputs shaped after the example
+inputs (other batch sizes, value distributions, magnitudes, special rows; integer inputs keep their
+range), runs both models in eval mode under ``torch.no_grad()`` (the reference with the verified
+layers substituted), compares every output leaf by nmse and max abs error, and shrinks any failure
+to a small counterexample, raised as :class:`EquivalenceError`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import dataclasses
 import logging
 import math
 import random
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -21,11 +25,14 @@ import torch
 from hypothesis import HealthCheck
 from torch import nn
 
+from fxfactorize.optimality import verify_layers
+from fxfactorize.passes.calibrate import calibration_batches
 from fxfactorize.testing.inputs import describe_inputs, inputs_for, probe_dtypes
 
 __all__ = [
     "EquivalenceError",
     "Tolerance",
+    "UnverifiedLayerError",
     "check_equivalence",
     "compare_outputs",
     "default_tolerance",
@@ -40,10 +47,9 @@ EXACT_NMSE = 1e-8
 EXACT_MAX_ABS = 1e-4
 # Multiples of the output dtype's machine epsilon allowed as RMS error for float16/bfloat16 outputs.
 DTYPE_SLACK = 30.0
-# A layer counts as truncated when its reported nmse exceeds this (SVD round-off is ~1e-14).
+# default_tolerance (deprecated) only: a layer counts as truncated when its reported nmse exceeds
+# this, and layer errors add up in RMS terms along the graph with this much headroom.
 TRUNCATION_NMSE = 1e-10
-# Fallback only (a truncated layer with no counterpart in the reference): layer errors add up in RMS
-# terms along the graph and later layers can amplify them, hence this much headroom.
 MARGIN = 10.0
 
 
@@ -105,6 +111,31 @@ class EquivalenceError(AssertionError):
         self.inputs, self.path, self.nmse, self.max_abs = inputs, path, nmse, max_abs
 
 
+class UnverifiedLayerError(EquivalenceError):
+    """Some factorized layer of the candidate could not be verified, so equivalence is not shown.
+
+    ``layers`` maps each such layer's qualified name to why (a calibrated layer checked without
+    ``calibration=``, a CP layer, no reference layer at its name, ...). Pass the calibration
+    batches, or an explicit ``tolerance=Tolerance(...)`` to compare the outputs end to end instead.
+    """
+
+    def __init__(self, layers: Mapping[str, str]) -> None:
+        self.layers = dict(layers)
+        first = next(iter(self.layers))
+        lines = [f"- {name!r}: {why}" for name, why in self.layers.items()]
+        count = len(self.layers)
+        head = (
+            f"factorized layer {first!r} could not be verified"
+            if count == 1
+            else f"{count} factorized layers could not be verified"
+        )
+        advice = (
+            "Pass calibration= (the batches transform was given) to verify calibrated layers, or "
+            "tolerance=Tolerance(...) to compare the outputs end to end instead."
+        )
+        super().__init__(f"{head}:\n" + "\n".join(lines) + "\n" + advice, path=first)
+
+
 @dataclasses.dataclass
 class Mismatch:
     """One output leaf that failed the comparison."""
@@ -116,7 +147,13 @@ class Mismatch:
 
 
 def _leaf_errors(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, float]:
-    ref, cand = reference.detach().double(), candidate.detach().double()
+    ref, cand = reference.detach(), candidate.detach()
+    if ref.is_complex() or cand.is_complex():  # real and imaginary parts as two real values
+        ref, cand = (
+            torch.view_as_real(ref.to(torch.complex128)),
+            torch.view_as_real(cand.to(torch.complex128)),
+        )
+    ref, cand = ref.double(), cand.double()
     both_nonfinite = ~torch.isfinite(ref) & ~torch.isfinite(cand)
     same_special = both_nonfinite & ((ref == cand) | (torch.isnan(ref) & torch.isnan(cand)))
     if bool((~torch.isfinite(ref) ^ ~torch.isfinite(cand)).any()) or not bool(
@@ -133,13 +170,125 @@ def _leaf_errors(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[floa
     return nmse, max_abs
 
 
+def _compare_tensors(
+    reference: torch.Tensor, candidate: Any, tolerance: Tolerance, path: str
+) -> Mismatch | None:
+    if not isinstance(candidate, torch.Tensor):
+        return Mismatch(path, math.inf, math.inf, f"tensor vs {type(candidate).__name__}")
+    if reference.shape != candidate.shape:
+        detail = f"shape {tuple(candidate.shape)}, expected {tuple(reference.shape)}"
+        return Mismatch(path, math.inf, math.inf, detail)
+    if (
+        reference.dtype == torch.bool or candidate.dtype == torch.bool
+    ):  # exactly, element by element
+        if reference.dtype != candidate.dtype:
+            return Mismatch(path, math.inf, math.inf, f"dtype {candidate.dtype}, expected bool")
+        differ = int((reference != candidate).sum())
+        detail = f"{differ} of {reference.numel()} bool elements differ"
+        return None if differ == 0 else Mismatch(path, math.inf, 1.0, detail)
+    nmse, max_abs = _leaf_errors(reference, candidate)
+    magnitude = reference.detach().abs().double().nan_to_num(0.0, 0.0, 0.0)
+    scale = float(magnitude.max()) if reference.numel() else 0.0
+    limit = tolerance.nmse_for(reference.dtype)
+    if nmse <= limit or max_abs <= tolerance.max_abs * max(1.0, scale):
+        return None
+    return Mismatch(path, nmse, max_abs, f"nmse {nmse:.3g} > {limit:.3g}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, complex)) and not isinstance(value, bool)
+
+
+def _compare_numbers(
+    reference: Any, candidate: Any, tolerance: Tolerance, path: str
+) -> Mismatch | None:
+    """Python numbers as one-element float64 tensors: NaN equals NaN, the rest under tolerance."""
+    if not _is_number(candidate):
+        return Mismatch(path, math.inf, math.inf, f"{candidate!r} != {reference!r}")
+    if reference == candidate:
+        return None
+    dtype = (
+        torch.complex128
+        if isinstance(reference, complex) or isinstance(candidate, complex)
+        else torch.float64
+    )
+    try:
+        ref, cand = torch.tensor(reference, dtype=dtype), torch.tensor(candidate, dtype=dtype)
+    except (OverflowError, RuntimeError):  # ints beyond float64: equal or not
+        return Mismatch(path, math.inf, math.inf, f"{candidate!r} != {reference!r}")
+    mismatch = _compare_tensors(ref, cand, tolerance, path)
+    if mismatch is not None:
+        mismatch.detail = f"{candidate!r} vs {reference!r} ({mismatch.detail})"
+    return mismatch
+
+
+def _numpy_leaf(value: Any) -> Any:
+    """A numpy array as a tensor (numeric and bool dtypes), a numpy scalar as a Python one."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:  # nothing can be a numpy array
+        return value
+    if isinstance(value, numpy.generic):
+        return value.item()
+    if isinstance(value, numpy.ndarray):
+        try:
+            return torch.as_tensor(value)
+        except (TypeError, RuntimeError, ValueError):  # strings, objects: compared as arrays
+            return value
+    return value
+
+
+def _equal(reference: Any, candidate: Any) -> bool:
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(reference, numpy.ndarray):
+        return isinstance(candidate, numpy.ndarray) and bool(
+            numpy.array_equal(reference, candidate)
+        )
+    try:
+        return bool(reference == candidate)
+    except Exception:  # an == that does not give one truth value
+        return reference is candidate
+
+
+def _children(
+    reference: Any, candidate: Any, path: str
+) -> list[tuple[str, Any, Any]] | Mismatch | None:
+    """The ``(path, reference, candidate)`` pairs inside a container, a structural mismatch, or
+    ``None`` for a leaf."""
+    if dataclasses.is_dataclass(reference) and not isinstance(reference, type):
+        if type(candidate) is not type(reference):
+            detail = f"{type(candidate).__name__} vs {type(reference).__name__}"
+            return Mismatch(path, math.inf, math.inf, detail)
+        return [
+            (f"{path}.{f.name}", getattr(reference, f.name), getattr(candidate, f.name))
+            for f in dataclasses.fields(reference)
+        ]
+    if isinstance(reference, Mapping):
+        if not isinstance(candidate, Mapping) or list(candidate) != list(reference):
+            got = list(candidate) if isinstance(candidate, Mapping) else type(candidate).__name__
+            return Mismatch(path, math.inf, math.inf, f"keys {got}, expected {list(reference)}")
+        return [(f"{path}[{key!r}]", reference[key], candidate[key]) for key in reference]
+    if isinstance(reference, (tuple, list)):
+        if not isinstance(candidate, (tuple, list)) or len(candidate) != len(reference):
+            kind = type(reference).__name__
+            detail = f"{candidate!r:.60} does not match a {kind} of {len(reference)}"
+            return Mismatch(path, math.inf, math.inf, detail)
+        return [
+            (f"{path}[{i}]", r, c)
+            for i, (r, c) in enumerate(zip(reference, candidate, strict=True))
+        ]
+    return None
+
+
 def compare_outputs(
     reference: Any, candidate: Any, tolerance: Tolerance, path: str = "output"
 ) -> Mismatch | None:
     """The first output leaf where ``candidate`` is out of ``tolerance``, or ``None``.
 
-    Walks tensors, tuples, lists, dicts (including ``ModelOutput``-style mappings) and dataclasses;
-    other leaves must be equal.
+    Walks tensors, tuples, lists, dicts (including ``ModelOutput``-style mappings) and dataclasses.
+    Float tensors compare by nmse / max abs error (complex ones by their real and imaginary parts;
+    NaN and ±inf must sit at the same places), bool tensors element by element, numpy arrays as
+    tensors, Python numbers as one-element float64 tensors (so ``1.0`` and ``1.0 + 1e-7`` agree
+    and NaN equals NaN); other leaves must be equal.
 
     >>> a = (torch.ones(3), {"x": torch.arange(4.0)})
     >>> b = (torch.ones(3), {"x": torch.arange(4.0) + 1})
@@ -147,58 +296,23 @@ def compare_outputs(
     "output[1]['x']"
     >>> compare_outputs(a, a, Tolerance()) is None
     True
+    >>> compare_outputs((1.0, float("nan")), (1.0 + 1e-7, float("nan")), Tolerance()) is None
+    True
+    >>> compare_outputs(torch.tensor([True, False]), torch.tensor([True, True]), Tolerance()).detail
+    '1 of 2 bool elements differ'
     """
+    reference, candidate = _numpy_leaf(reference), _numpy_leaf(candidate)
     if isinstance(reference, torch.Tensor):
-        if not isinstance(candidate, torch.Tensor):
-            return Mismatch(path, math.inf, math.inf, f"tensor vs {type(candidate).__name__}")
-        if reference.shape != candidate.shape:
-            detail = f"shape {tuple(candidate.shape)}, expected {tuple(reference.shape)}"
-            return Mismatch(path, math.inf, math.inf, detail)
-        nmse, max_abs = _leaf_errors(reference, candidate)
-        scale = (
-            float(reference.detach().abs().nan_to_num(0.0, 0.0, 0.0).max())
-            if reference.numel()
-            else 0.0
-        )
-        limit = tolerance.nmse_for(reference.dtype)
-        if nmse <= limit or max_abs <= tolerance.max_abs * max(1.0, scale):
+        return _compare_tensors(reference, candidate, tolerance, path)
+    if _is_number(reference):
+        return _compare_numbers(reference, candidate, tolerance, path)
+    pairs = _children(reference, candidate, path)
+    if pairs is None:
+        if _equal(reference, candidate):
             return None
-        return Mismatch(path, nmse, max_abs, f"nmse {nmse:.3g} > {limit:.3g}")
-    if dataclasses.is_dataclass(reference) and not isinstance(reference, type):
-        if type(candidate) is not type(reference):
-            return Mismatch(
-                path,
-                math.inf,
-                math.inf,
-                f"{type(candidate).__name__} vs {type(reference).__name__}",
-            )
-        pairs = [
-            (f"{path}.{f.name}", getattr(reference, f.name), getattr(candidate, f.name))
-            for f in dataclasses.fields(reference)
-        ]
-    elif isinstance(reference, Mapping):
-        if not isinstance(candidate, Mapping) or list(candidate) != list(reference):
-            got = list(candidate) if isinstance(candidate, Mapping) else type(candidate).__name__
-            return Mismatch(path, math.inf, math.inf, f"keys {got}, expected {list(reference)}")
-        pairs = [(f"{path}[{key!r}]", reference[key], candidate[key]) for key in reference]
-    elif isinstance(reference, (tuple, list)):
-        if not isinstance(candidate, (tuple, list)) or len(candidate) != len(reference):
-            return Mismatch(
-                path,
-                math.inf,
-                math.inf,
-                f"{candidate!r:.60} does not match a {type(reference).__name__} of {len(reference)}",
-            )
-        pairs = [
-            (f"{path}[{i}]", r, c)
-            for i, (r, c) in enumerate(zip(reference, candidate, strict=True))
-        ]
-    else:
-        return (
-            None
-            if reference == candidate
-            else Mismatch(path, math.inf, math.inf, f"{candidate!r} != {reference!r}")
-        )
+        return Mismatch(path, math.inf, math.inf, f"{candidate!r:.60} != {reference!r:.60}")
+    if isinstance(pairs, Mismatch):
+        return pairs
     for sub_path, ref, cand in pairs:
         mismatch = compare_outputs(ref, cand, tolerance, sub_path)
         if mismatch is not None:
@@ -211,106 +325,77 @@ def _report_of(candidate: nn.Module) -> Any:
     return meta.get("fxfactorize") if isinstance(meta, dict) else None
 
 
-def _truncated_layers(candidate: nn.Module) -> list[Any]:
-    report = _report_of(candidate)
-    if report is None:
-        return []
-    return [r for r in report.layers if r.factorized and (r.nmse or 0.0) > TRUNCATION_NMSE]
-
-
 def default_tolerance(candidate: nn.Module) -> Tolerance:
-    """The end-to-end tolerance implied by ``candidate``'s report alone.
+    """Deprecated: the end-to-end tolerance implied by ``candidate``'s own report.
 
     Exact-ish (:data:`EXACT_NMSE`) unless ``candidate.meta["fxfactorize"]`` reports a truncated
-    layer; then ``MARGIN · (Σ_l √nmse_l)²`` over the reported per-layer errors. A heuristic:
-    :func:`check_equivalence` uses it only for truncated layers it cannot find in the reference.
+    layer; then ``MARGIN · (Σ_l √nmse_l)²`` over the reported per-layer errors. It believes what
+    the candidate says about itself, so :func:`check_equivalence` no longer uses it (it verifies
+    each layer from the reference instead); pass an explicit :class:`Tolerance` of your own.
 
-    >>> import fxfactorize as ff
-    >>> model = nn.Sequential(nn.Linear(8, 8))
-    >>> default_tolerance(ff.transform(model, torch.randn(2, 8), min_features=1, latent_features=2, progress=False)).nmse > 1e-3
-    True
-    >>> default_tolerance(model).nmse
-    1e-08
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     tolerance = default_tolerance(nn.Linear(2, 2))
+    >>> tolerance.nmse, caught[0].category.__name__
+    (1e-08, 'DeprecationWarning')
     """
-    truncated = _truncated_layers(candidate)
+    warnings.warn(
+        "default_tolerance reads the candidate's own report, which check_equivalence no longer "
+        "trusts; it will be removed. Pass an explicit Tolerance instead.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    report = _report_of(candidate)
+    layers = [] if report is None else report.layers
+    truncated = [r for r in layers if r.factorized and (r.nmse or 0.0) > TRUNCATION_NMSE]
     if not truncated:
         return Tolerance()
     return Tolerance(nmse=EXACT_NMSE + MARGIN * sum(math.sqrt(r.nmse) for r in truncated) ** 2)
 
 
-def _weight_dtype(layer: nn.Module) -> torch.dtype:
-    floats = [p.dtype for p in layer.parameters() if p.is_floating_point()]
-    return floats[0] if floats else torch.float32
-
-
-def _effective_weight(module: nn.Module) -> torch.Tensor | None:
-    from fxfactorize.methods.lowrank import (
-        grouped_weight,  # methods import modules; keep import light
-    )
-
-    try:
-        return grouped_weight(module)[0].detach().double()
-    except (AttributeError, RuntimeError, TypeError):
-        return None
-
-
-def _shared(reference: nn.Module, candidate: nn.Module, target: str) -> bool:
-    try:
-        return reference.get_submodule(target) is candidate.get_submodule(target)
-    except AttributeError:
-        return False
-
-
-def _check_layers_match_report(reference: nn.Module, candidate: nn.Module, truncated: list) -> dict:
-    """``{target: (reference layer, candidate layer)}``; raise if a layer's weight error exceeds its report.
-
-    The data-free report's nmse is the relative squared weight error ‖W - Ŵ‖²/‖W‖²: a factorized
-    layer whose weights were altered after solving would otherwise hide inside the truncation bound.
-    """
-    pairs = {}
-    for record in truncated:
-        try:
-            ref_layer = reference.get_submodule(record.target)
-            cand_layer = candidate.get_submodule(record.target)
-        except AttributeError:
-            continue  # reference laid out differently: the end-to-end bound still applies
-        if ref_layer is cand_layer:
-            continue  # transformed in place: the reference already runs the candidate's layer
-        pairs[record.target] = (ref_layer, cand_layer)
-        if record.nmse_source != "weights":
-            continue  # calibrated errors are exact only on the calibration data, which we lack
-        w_ref, w_cand = _effective_weight(ref_layer), _effective_weight(cand_layer)
-        if w_ref is None or w_cand is None or w_ref.shape != w_cand.shape:
-            continue
-        energy = float(w_ref.pow(2).sum())
-        error = float((w_ref - w_cand).pow(2).sum()) / energy if energy > 0 else 0.0
-        # slack: float64 solve vs. the layer's dtype (the factors are rounded to it after solving)
-        rounding = (2 * torch.finfo(_weight_dtype(cand_layer)).eps) ** 2
-        if error > record.nmse * (1 + 1e-3) + 1e-7 + rounding:
+def _verified_substitutes(
+    reference: nn.Module, candidate: nn.Module, calibration: Any
+) -> dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """``{reference layer: substitute}`` for every factorized layer of ``candidate``, each verified
+    optimal for its rank (see :mod:`fxfactorize.optimality`); raise where one is not."""
+    with _evaluating(reference):
+        verdicts = verify_layers(reference, candidate, calibration, _call)
+    for verdict in verdicts:
+        if verdict.status == "fault":
             raise EquivalenceError(
-                f"layer {record.target!r} (node {record.node!r}) does not match its report: relative "
-                f"squared weight error {error:.3g}, reported nmse {record.nmse:.3g}",
-                path=record.target,
-                nmse=error,
+                f"factorized layer {verdict.name!r} is not the optimum for its rank: "
+                f"{verdict.detail}",
+                path=verdict.name,
+                nmse=verdict.excess,
             )
-    return pairs
+    unverified = {v.name: v.detail for v in verdicts if v.status == "unverifiable"}
+    if unverified:
+        raise UnverifiedLayerError(unverified)
+    for verdict in verdicts:
+        log.debug("layer %s: %s %s (%s)", verdict.name, verdict.status, verdict.how, verdict.detail)
+    return {v.reference: v.substitute for v in verdicts if v.status == "verified"}
 
 
 @contextlib.contextmanager
-def _substituted(pairs: dict) -> Iterator[None]:
-    """While active, each paired reference layer returns what its candidate layer computes.
+def _substituted(substitutes: Mapping[nn.Module, Callable]) -> Iterator[None]:
+    """While active, each reference layer in ``substitutes`` returns what its substitute computes.
 
-    The reference then runs its own graph with the candidate's (truncated) layers in place: the
-    candidate must match that exactly, so any fault outside the factorized layers shows.
+    The reference then runs its own graph with the candidate's verified layers in place (each
+    rebuilt from the candidate's parameters alone): the candidate must match that exactly, so a
+    fault anywhere else, or in what a candidate layer does beyond its parameters, shows.
     """
 
-    def hook_for(candidate_layer: nn.Module) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            return candidate_layer(*args)
+    def hook_for(substitute: Callable) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            return substitute(args[0] if args else next(iter(kwargs.values())))
 
         return hook
 
-    handles = [ref.register_forward_hook(hook_for(cand)) for ref, cand in pairs.values()]
+    handles = [
+        layer.register_forward_hook(hook_for(substitute), with_kwargs=True)
+        for layer, substitute in substitutes.items()
+    ]
     try:
         yield
     finally:
@@ -339,7 +424,18 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(*inputs)
 
 
-def _validate(max_examples: Any, seed: Any, batch_dim: Any, tolerance: Any) -> None:
+def _validate(
+    reference: Any,
+    candidate: Any,
+    max_examples: Any,
+    seed: Any,
+    batch_dim: Any,
+    tolerance: Any,
+    calibration: Any,
+) -> None:
+    for name, model in (("reference", reference), ("candidate", candidate)):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{name} must be a torch.nn.Module; got {type(model).__name__}")
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
         raise ValueError(f"max_examples must be an int >= 1; got {max_examples!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -348,6 +444,11 @@ def _validate(max_examples: Any, seed: Any, batch_dim: Any, tolerance: Any) -> N
         raise ValueError(f"batch_dim must be an int >= 0; got {batch_dim!r}")
     if tolerance is not None and not isinstance(tolerance, Tolerance):
         raise TypeError(f"tolerance must be a Tolerance or None; got {type(tolerance).__name__}")
+    if tolerance is not None and calibration is not None:
+        raise ValueError(
+            "pass calibration= (verify each layer, then compare exactly) or tolerance= (compare "
+            "the outputs end to end within it), not both"
+        )
 
 
 def check_equivalence(
@@ -356,102 +457,130 @@ def check_equivalence(
     example_inputs: Any,
     *,
     tolerance: Tolerance | None = None,
+    calibration: Any = None,
     max_examples: int = 50,
     seed: int | None = None,
     batch_dim: int = 0,
 ) -> None:
     """Raise :class:`EquivalenceError` unless ``candidate`` computes what ``reference`` does.
 
+    Nothing the candidate says about itself is read (not its report, not ``meta``). Without a
+    ``tolerance`` the check has two parts:
+
+    1. Every factorized layer of ``candidate`` (found by type: the rank-r pairs and the tensorized
+       Linear) is checked against the reference's layer at the same qualified name, from their
+       parameters: it must be the optimum for its rank (read from its weights' shapes). Data-free:
+       its weight error is the spectrum tail of the reference weight and its bias is the
+       reference's. Calibrated (needs ``calibration``, the batches given to ``transform``, in the
+       same forms: an iterable of tensors, tuples or dicts): its output error on the inputs the
+       reference layer receives from them, bias included, is the reduced-rank-regression optimum.
+       TT / Tucker layers: within the TT-SVD / HOSVD bound of their ranks. Bounds and their
+       rounding slack are in :mod:`fxfactorize.optimality`. A layer that misses its bound raises
+       :class:`EquivalenceError`; one that cannot be verified (calibrated without
+       ``calibration``, CP, no reference layer at its name such as one made from a functional
+       call) raises :class:`UnverifiedLayerError`, never a silent pass.
+    2. The reference is run with those layers substituted (each rebuilt from the candidate's
+       parameters) and the candidate must match it exactly (nmse ≤ 1e-8, float32 round-off) on
+       Hypothesis-drawn inputs: anything else that changed shows, however lossy the layers.
+
+    With an explicit ``tolerance`` the layers are not checked: the candidate is compared with the
+    reference directly, within that tolerance (``calibration`` may not be given too).
+
     Hypothesis draws up to ``max_examples`` inputs shaped after ``example_inputs`` (a tensor, a tuple
     of positional inputs or a dict of keyword inputs): batch sizes from 1 to beyond the example's
     along ``batch_dim``, normal/uniform/heavy-tailed/constant values, magnitudes from 1e-3 to 1e3
     times the example's, all-zero rows, and float32 / float64 / the example's dtype where both
-    models accept it; integer and bool inputs keep the example's value range. Both models run in eval mode under ``torch.no_grad()``
-    (their modes are restored); neither is changed. A failing input is shrunk, and the error names
-    its shapes, the offending output path (``output[1]['logits']``) and its nmse / max abs error.
+    models accept it; integer and bool inputs keep the example's value range. Both models run in
+    eval mode under ``torch.no_grad()`` (their modes are restored); neither is changed. A failing
+    input is shrunk, and the error names its shapes, the offending output path
+    (``output[1]['logits']``) and its nmse / max abs error. ``seed`` makes the draw deterministic;
+    a drawn input on which the reference itself raises is discarded. Called inside a ``@given``
+    test, the inputs are drawn from that test's data (no nested search; ``seed`` is then ignored),
+    so Hypothesis shrinks the model and the inputs together.
 
-    ``tolerance=None`` compares exactly (nmse ≤ 1e-8, float32 round-off) when no layer was
-    truncated. When ``candidate.meta["fxfactorize"]`` reports truncated layers, the check has two
-    parts: each data-free layer's weight error ``‖W - Ŵ‖²/‖W‖²`` must not exceed its reported
-    nmse (the error the report predicts), and the candidate must match, exactly, the reference run
-    with those truncated layers substituted (so any fault elsewhere shows, however lossy the
-    truncation). An explicit ``tolerance`` compares with the reference directly. ``seed`` makes
-    the draw deterministic; a drawn input on which the reference itself raises is discarded.
-    Called inside a ``@given`` test, the inputs are drawn from that test's data (no nested search;
-    ``seed`` is then ignored), so Hypothesis shrinks the model and the inputs together.
-
-    >>> import fxfactorize as ff
+    >>> import copy, fxfactorize as ff
     >>> model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    >>> gm = ff.transform(model, torch.randn(3, 16), min_features=1, latent_features=16, progress=False)
+    >>> gm = ff.transform(model, torch.randn(3, 16), min_features=1, latent_features=4,
+    ...                   cost_model="macs", progress=False)
     >>> check_equivalence(model, gm, torch.randn(3, 16), max_examples=10, seed=0)
-    >>> broken = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    >>> broken = copy.deepcopy(gm)
+    >>> _ = broken.get_submodule("0").module1.bias.data.add_(1.0)
     >>> check_equivalence(model, broken, torch.randn(3, 16), max_examples=10, seed=0)
     Traceback (most recent call last):
     ...
-    fxfactorize.equivalence.EquivalenceError: candidate differs from reference at output: ...
+    fxfactorize.equivalence.UnverifiedLayerError: factorized layer '0' could not be verified:...
     """
-    for name, model in (("reference", reference), ("candidate", candidate)):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{name} must be a torch.nn.Module; got {type(model).__name__}")
-    _validate(max_examples, seed, batch_dim, tolerance)
-    truncated = _truncated_layers(candidate) if tolerance is None else []
-    pairs = _check_layers_match_report(reference, candidate, truncated) if truncated else {}
-    if tolerance is not None:
-        fixed = tolerance
-    elif len(pairs) == len(truncated) or all(
-        _shared(reference, candidate, r.target) for r in truncated if r.target not in pairs
-    ):
-        fixed = Tolerance()  # truncated layers are substituted into the reference: compare exactly
-    else:  # some truncated layer has no counterpart in the reference: the report's bound instead
-        fixed = default_tolerance(candidate)
-
-    rejected = [0]
+    _validate(reference, candidate, max_examples, seed, batch_dim, tolerance, calibration)
+    if tolerance is None:
+        batches = None if calibration is None else calibration_batches(calibration)
+        substitutes = _verified_substitutes(reference, candidate, batches)
+    else:
+        substitutes = {}
     nested = hypothesis.currently_in_test_context()
+    comparison = _Comparison(reference, candidate, substitutes, tolerance or Tolerance(), nested)
+    _compare_end_to_end(comparison, example_inputs, max_examples, seed, batch_dim)
 
-    def failure(inputs: Any, drawn: bool = True) -> tuple[Mismatch | None, Tolerance]:
-        with _evaluating(reference, candidate):
+
+@dataclasses.dataclass
+class _Comparison:
+    """``candidate`` against ``reference`` (run with ``substitutes``) on one input at a time."""
+
+    reference: nn.Module
+    candidate: nn.Module
+    substitutes: Mapping[nn.Module, Callable]
+    tolerance: Tolerance
+    nested: bool
+    rejected: int = 0
+
+    def failure(self, inputs: Any, drawn: bool = True) -> Mismatch | None:
+        """The first output out of tolerance on ``inputs``; a drawn input on which the reference
+        raises is rejected (skipped inside a caller's ``@given`` test)."""
+        with _evaluating(self.reference, self.candidate):
             try:
-                with _substituted(pairs):
-                    expected = _call(reference, inputs)
+                with _substituted(self.substitutes):
+                    expected = _call(self.reference, inputs)
             except Exception:
                 if not drawn:
                     raise  # the caller's own example must run: let them see why it does not
-                rejected[0] += 1
-                if nested:  # skip it: rejecting would discard the caller's whole example
-                    return None, fixed
+                self.rejected += 1
+                if self.nested:  # skip it: rejecting would discard the caller's whole example
+                    return None
                 hypothesis.reject()  # inputs the reference itself refuses say nothing
             try:
-                got = _call(candidate, inputs)
+                got = _call(self.candidate, inputs)
             except Exception as error:  # a candidate that raises where the reference did not fails
-                return Mismatch(
-                    "output",
-                    math.nan,
-                    math.nan,
-                    f"candidate raised {type(error).__name__}: {error}",
-                ), fixed
-        return compare_outputs(expected, got, fixed), fixed
+                detail = f"candidate raised {type(error).__name__}: {error}"
+                return Mismatch("output", math.nan, math.nan, detail)
+        return compare_outputs(expected, got, self.tolerance)
 
-    # The example itself first: a plain failure there needs no search.
-    outcome = failure(example_inputs, drawn=False)
-    if outcome[0] is not None:
-        _raise(example_inputs, *outcome)
+    def check(self, inputs: Any, drawn: bool = True) -> None:
+        mismatch = self.failure(inputs, drawn)
+        if mismatch is not None:
+            _raise(inputs, mismatch, self.tolerance)
 
-    accepted = probe_dtypes(candidate, example_inputs, _call)
-    dtypes = [d for d in probe_dtypes(reference, example_inputs, _call) if d in accepted]
+
+def _compare_end_to_end(
+    comparison: _Comparison,
+    example_inputs: Any,
+    max_examples: int,
+    seed: int | None,
+    batch_dim: int,
+) -> None:
+    """Hypothesis searches for an input where the comparison fails; raise
+    :class:`EquivalenceError` with the shrunk one."""
+    comparison.check(example_inputs, drawn=False)  # a plain failure there needs no search
+    accepted = probe_dtypes(comparison.candidate, example_inputs, _call)
+    dtypes = [d for d in probe_dtypes(comparison.reference, example_inputs, _call) if d in accepted]
     strategy = inputs_for(example_inputs, batch_dim=batch_dim, dtypes=dtypes)
-    if nested:
+    if comparison.nested:
         # Inside a @given test: draw from the caller's data instead of starting a nested search,
         # so Hypothesis shrinks the caller's example and these inputs together.
         data = hypothesis.control.current_build_context().data
         for _ in range(max_examples):
-            inputs = data.draw(strategy)
-            outcome = failure(inputs)
-            if outcome[0] is not None:
-                _raise(inputs, *outcome)
+            comparison.check(data.draw(strategy))
         return
-    base = hypothesis.settings.default
     settings = hypothesis.settings(
-        base,
+        hypothesis.settings.default,
         max_examples=max_examples,
         deadline=None,
         database=None,
@@ -460,7 +589,7 @@ def check_equivalence(
     try:
         counterexample = hypothesis.find(
             strategy,
-            lambda inputs: failure(inputs)[0] is not None,
+            lambda inputs: comparison.failure(inputs) is not None,
             settings=settings,
             random=None if seed is None else random.Random(seed),
         )
@@ -468,10 +597,10 @@ def check_equivalence(
         return
     except hypothesis.errors.Unsatisfiable as error:
         raise ValueError(
-            f"the reference model raised on every drawn input ({rejected[0]} tried); check that "
-            f"batch_dim={batch_dim} is the batch dimension of example_inputs"
+            f"the reference model raised on every drawn input ({comparison.rejected} tried); "
+            f"check that batch_dim={batch_dim} is the batch dimension of example_inputs"
         ) from error
-    _raise(counterexample, *failure(counterexample, drawn=False))
+    _raise(counterexample, comparison.failure(counterexample, drawn=False), comparison.tolerance)
 
 
 def _raise(inputs: Any, mismatch: Mismatch | None, tolerance: Tolerance) -> None:

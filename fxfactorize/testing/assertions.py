@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from torch import fx, nn
@@ -19,6 +20,7 @@ def assert_factorization_equivalent(
     example_inputs: Any,
     *,
     tolerance: Tolerance | None = None,
+    calibration: Any = None,
     max_examples: int = 20,
     seed: int | None = None,
     batch_dim: int = 0,
@@ -27,9 +29,11 @@ def assert_factorization_equivalent(
     """``transform(model, example_inputs, **config)``, then :func:`check_equivalence` against ``model``.
 
     Returns the transformed ``GraphModule``; raises :class:`~fxfactorize.equivalence.EquivalenceError`
-    with a shrunk counterexample if it disagrees with ``model`` beyond ``tolerance`` (default: exact
-    unless the report shows truncated layers, then the report's predicted error with a margin).
-    Progress bars are off unless ``progress=True`` is passed.
+    with a shrunk counterexample if it disagrees with ``model``: by default every factorized layer
+    must be the optimum for its rank and the rest of the graph must match exactly (see
+    :func:`~fxfactorize.check_equivalence`); with ``tolerance``, the outputs must agree within it.
+    ``calibration`` goes to both ``transform`` and the check (a one-shot iterator is read into a
+    list first). Progress bars are off unless ``progress=True`` is passed.
 
     >>> import torch
     >>> model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
@@ -40,12 +44,15 @@ def assert_factorization_equivalent(
     from fxfactorize.equivalence import check_equivalence  # it imports this package: import late
 
     config.setdefault("progress", False)
-    candidate = transform(model, example_inputs, **config)
+    if isinstance(calibration, Iterator):  # the check reads the batches again
+        calibration = list(calibration)
+    candidate = transform(model, example_inputs, calibration=calibration, **config)
     check_equivalence(
         model,
         candidate,
         example_inputs,
         tolerance=tolerance,
+        calibration=None if tolerance is not None else calibration,
         max_examples=max_examples,
         seed=seed,
         batch_dim=batch_dim,
