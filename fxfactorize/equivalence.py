@@ -25,9 +25,9 @@ import torch
 from hypothesis import HealthCheck
 from torch import nn
 
+from fxfactorize.input_strategies import describe_inputs, inputs_for, probe_dtypes
 from fxfactorize.optimality import verify_layers
 from fxfactorize.passes.calibrate import calibration_batches
-from fxfactorize.testing.inputs import describe_inputs, inputs_for, probe_dtypes
 
 __all__ = [
     "EquivalenceError",

@@ -58,9 +58,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxfactorize.core.composer_api import accumulate_rows
 from fxfactorize.core.lowrank import RIDGE
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.patches import conv_patch_rows
+from fxfactorize.errors import CalibrationError
 from fxfactorize.modules.factorized import FactorizedConvNd, FactorizedLinear
 from fxfactorize.tensorized.layer import FactorizedLinear as TensorizedLinear
 
@@ -162,7 +164,8 @@ def _pair_map(
     module: nn.Module, groups: int, in_g: int, out: int, kernel: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(Ŵ [G, M_g, D_g], b̂ [G, M_g], rank per group)`` of a rank-r pair, laid out as a layer of
-    ``groups`` groups with ``in_g`` inputs (times the kernel) per group and ``out`` outputs."""
+    ``groups`` groups with ``in_g`` inputs (times the kernel) per group and ``out`` outputs.
+    Reads the children's raw parameters: a candidate's own accessors are what is being checked."""
     first, second = module.module0.weight, module.module1.weight
     rank = first.shape[0]
     if rank % groups or out % groups:
@@ -517,9 +520,6 @@ def collect_moments(
     >>> m["0"].count, float(m["0"].xsum[0, 0])
     (4, 4.0)
     """
-    from fxfactorize.core.composer_api import accumulate_rows  # the pass's own accumulation
-    from fxfactorize.errors import CalibrationError
-
     moments: dict[str, InputMoments] = {}
 
     def hook_for(name: str, ref: Affine) -> Callable:

@@ -14,7 +14,9 @@ def mlp() -> nn.Sequential:
     torch.manual_seed(0)
     layers = [nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 2 * WIDTH), nn.GELU()]
     model = nn.Sequential(*layers, nn.Linear(2 * WIDTH, WIDTH))
-    with torch.no_grad():  # spectra that decay at different rates, so the policies tell layers apart
+    with (
+        torch.no_grad()
+    ):  # spectra that decay at different rates, so the policies tell layers apart
         for index, layer in enumerate(m for m in model if isinstance(m, nn.Linear)):
             u, _, v = torch.linalg.svd(layer.weight, full_matrices=False)
             decay = torch.exp(-torch.arange(u.shape[1], dtype=torch.float32) / (6 + 10 * index))

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import fx, nn
 
 from fxfactorize.api import transform
-
-if TYPE_CHECKING:
-    from fxfactorize.equivalence import Tolerance
+from fxfactorize.equivalence import Tolerance, check_equivalence
 
 __all__ = ["assert_factorization_equivalent"]
 
@@ -41,8 +39,6 @@ def assert_factorization_equivalent(
     >>> [r.rank for r in gm.meta["fxfactorize"].layers]  # the 32→8 layer would not get cheaper
     [8, None]
     """
-    from fxfactorize.equivalence import check_equivalence  # it imports this package: import late
-
     config.setdefault("progress", False)
     if isinstance(calibration, Iterator):  # the check reads the batches again
         calibration = list(calibration)
