@@ -567,7 +567,7 @@ def _cmd_transform(args: argparse.Namespace, *, full_job: bool = False) -> int:
         document["plan"] = the_plan.to_dict()
     started = time.perf_counter()
     gm = ff.transform(run.model, run.example, config=run.config, calibration=run.calibration)
-    report = gm.meta["fxfactorize"]
+    report = ff.report_of(gm)
     text.append(str(report))
     document["report"] = report.to_dict()
     document["transform_seconds"] = time.perf_counter() - started

@@ -28,6 +28,7 @@ from torch import nn
 from fxfactorize.input_strategies import describe_inputs, inputs_for, probe_dtypes
 from fxfactorize.optimality import verify_layers
 from fxfactorize.passes.calibrate import calibration_batches
+from fxfactorize.report import REPORT_META
 
 __all__ = [
     "EquivalenceError",
@@ -322,7 +323,7 @@ def compare_outputs(
 
 def _report_of(candidate: nn.Module) -> Any:
     meta = getattr(candidate, "meta", None)
-    return meta.get("fxfactorize") if isinstance(meta, dict) else None
+    return meta.get(REPORT_META) if isinstance(meta, dict) else None
 
 
 def default_tolerance(candidate: nn.Module) -> Tolerance:

@@ -63,7 +63,7 @@ from fxfactorize.core.lowrank import RIDGE
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.patches import conv_patch_rows
 from fxfactorize.errors import CalibrationError
-from fxfactorize.modules.factorized import FactorizedConvNd, FactorizedLinear
+from fxfactorize.modules import FactorizedConvNd, FactorizedLinear
 from fxfactorize.tensorized.layer import FactorizedLinear as TensorizedLinear
 
 __all__ = [

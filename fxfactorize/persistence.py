@@ -23,12 +23,12 @@ from fxfactorize._version import __version__
 from fxfactorize.errors import FactorizeError, TraceError
 from fxfactorize.methods import get_method
 from fxfactorize.methods.base import Method
-from fxfactorize.modules.factorized import _FactorizedModule
+from fxfactorize.modules import FactorizedPair
 from fxfactorize.passes.cost import LayerShape, describe_module
 from fxfactorize.passes.functional import convert_functional_layers
 from fxfactorize.passes.rewrite import replace_submodule, rewrite
 from fxfactorize.passes.trace import trace
-from fxfactorize.report import LayerRecord, PartialReport, Report
+from fxfactorize.report import REPORT_META, LayerRecord, PartialReport, Report
 
 __all__ = ["FORMAT_VERSION", "LoadError", "load", "read_saved", "save"]
 
@@ -50,14 +50,14 @@ def _versions() -> dict[str, str]:
 
 def _factorized_layers(gm: fx.GraphModule) -> list[dict[str, Any]]:
     """``[{target, kind, method, spec}]`` for each replaced layer of ``gm``."""
-    report = gm.meta.get("fxfactorize")
+    report = gm.meta.get(REPORT_META)
     if isinstance(report, Report):
         methods = {record.target: record.method for record in report.factorized}
     else:  # a GraphModule built by hand: every fxfactorize pair is a "lowrank" one
         methods = {
             name: "lowrank"
             for name, module in gm.named_modules()
-            if isinstance(module, _FactorizedModule)
+            if isinstance(module, FactorizedPair)
         }
     layers = []
     for target, method_name in methods.items():
@@ -92,7 +92,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
         )
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    report = gm.meta.get("fxfactorize")
+    report = gm.meta.get(REPORT_META)
     document = {
         "format": "fxfactorize",
         "format_version": FORMAT_VERSION,
@@ -162,7 +162,7 @@ def load(path: str | os.PathLike, original_model: nn.Module) -> fx.GraphModule:
     if report is not None:
         if not isinstance(gm, fx.GraphModule):
             gm.meta = getattr(gm, "meta", None) or {}
-        gm.meta["fxfactorize"] = report
+        gm.meta[REPORT_META] = report
     return gm
 
 

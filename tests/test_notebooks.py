@@ -17,7 +17,7 @@ def execute(path: Path) -> nbformat.NotebookNode:
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(
         notebook,
-        timeout=60,
+        timeout=600,  # a guard against a hung kernel, not a speed test
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     ).execute()
