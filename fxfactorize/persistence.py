@@ -423,9 +423,14 @@ def _check_shapes(
 
 
 def _rebuild(checked: list[_CheckedLayer]) -> dict[str, nn.Module]:
-    """The unsolved replacement of each checked layer, keyed by target."""
-    replacements = {}
+    """The unsolved replacement of each checked layer, keyed by target; targets naming one module
+    object of the original (a layer shared by regions) get one replacement, so sharing is kept."""
+    replacements: dict[str, nn.Module] = {}
+    rebuilt: dict[int, nn.Module] = {}
     for item in checked:
+        if id(item.module) in rebuilt:
+            replacements[item.entry["target"]] = rebuilt[id(item.module)]
+            continue
         try:
             new = item.method.rebuild(item.module, item.layer, item.entry["spec"])
         except (ValueError, TypeError) as error:
@@ -435,7 +440,7 @@ def _rebuild(checked: list[_CheckedLayer]) -> dict[str, nn.Module]:
                 f"{item.where} is a {item.entry['kind']} but rebuilding the original "
                 f"{type(item.module).__name__} gives a {type(new).__name__}"
             )
-        replacements[item.entry["target"]] = new
+        replacements[item.entry["target"]] = rebuilt[id(item.module)] = new
     return replacements
 
 

@@ -254,3 +254,15 @@ def test_nan_weights_with_an_error_policy_name_the_node(policy):
     options = {**OPTIONS, **policy}
     with pytest.raises(ValueError, match=r"graph node '_2' \(2\) has NaN or Inf weights"):
         ff.transform(model, torch.randn(2, WIDTH), **options)
+
+
+def test_save_and_load_keep_a_layer_shared_by_regions(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(4, WIDTH)
+    result = ff.transform(Gate(), x, **OPTIONS)
+    ff.save(result, tmp_path)
+    loaded = ff.load(tmp_path, Gate())
+    assert loaded.get_submodule("left.0") is loaded.get_submodule("right.1")
+    assert params(loaded) == params(result)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result(x))
