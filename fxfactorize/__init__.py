@@ -16,8 +16,19 @@ from fxfactorize.apply import apply_factorization
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.core.composer_api import factorize_conv2d, factorize_matrix
 from fxfactorize.core.solution import LowRankSolution
-from fxfactorize.equivalence import EquivalenceError, Tolerance, check_equivalence
-from fxfactorize.errors import CalibrationError, FactorizeError, ShapePropagationError, TraceError
+from fxfactorize.equivalence import (
+    EquivalenceError,
+    Tolerance,
+    UnverifiedLayerError,
+    check_equivalence,
+)
+from fxfactorize.errors import (
+    CalibrationError,
+    FactorizeError,
+    FactorizeWarning,
+    ShapePropagationError,
+    TraceError,
+)
 from fxfactorize.modules import (
     FactorizedConv1d,
     FactorizedConv2d,
@@ -51,6 +62,7 @@ __all__ = [
     "factorize_matrix",
     "FactorizeConfig",
     "FactorizeError",
+    "FactorizeWarning",
     "FactorizedConv1d",
     "FactorizedConv2d",
     "FactorizedConv3d",
@@ -73,6 +85,7 @@ __all__ = [
     "save",
     "transform",
     "EquivalenceError",
+    "UnverifiedLayerError",
     "Tolerance",
     "check_equivalence",
 ]
