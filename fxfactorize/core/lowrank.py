@@ -16,6 +16,7 @@ from fxfactorize.core.moments import InputMoments
 __all__ = [
     "RIDGE",
     "GroupedFactors",
+    "balanced",
     "factorize_weight",
     "output_nmse",
     "reduced_rank_regression",
@@ -80,6 +81,25 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     """
     gram = matrix.T @ matrix if matrix.shape[0] > matrix.shape[1] else matrix @ matrix.T
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+
+
+def balanced(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``first`` (``[G, r, D]``) and ``second`` (``[G, M, r]``) rescaled so that each rank
+    component has the same norm on both sides; their product is unchanged.
+
+    A whitened (calibrated) solve splits the singular values evenly in the *whitened* space, so
+    its factors can differ in scale by orders of magnitude; optimizers such as Adam, whose steps
+    do not scale with a parameter's size, then wreck the small side at the first step.
+
+    >>> first = torch.tensor([[[1e-3, 0.0], [0.0, 2.0]]], dtype=torch.float64)
+    >>> second = torch.tensor([[[4e3, 0.0], [0.0, 0.5]]], dtype=torch.float64)
+    >>> a, b = balanced(first, second)
+    >>> a.norm(dim=2).tolist(), b.norm(dim=1).tolist(), bool(torch.allclose(b @ a, second @ first))
+    ([[2.0, 1.0]], [[2.0, 1.0]], True)
+    """
+    rows, columns = first.norm(dim=2), second.norm(dim=1)  # [G, r] each
+    scale = torch.where((rows > 0) & (columns > 0), (columns / rows).sqrt(), torch.ones_like(rows))
+    return first * scale.unsqueeze(2), second / scale.unsqueeze(1)
 
 
 def _whitener(cov: torch.Tensor, ridge: float) -> tuple[torch.Tensor, bool]:
@@ -251,8 +271,7 @@ def factorize_weight(
         firsts.append(first)
         seconds.append(second)
         spectra.append(s)
-    first = torch.stack(firsts)
-    second = torch.stack(seconds)
+    first, second = balanced(torch.stack(firsts), torch.stack(seconds))
     approx = second @ first
     spectrum = torch.stack(spectra)
     b64 = None if bias is None else bias.detach().to(torch.float64)
