@@ -84,24 +84,27 @@ def _measured_nmse(
     first = factors[0].to(xc.device, xc.dtype)
     second = None if factors[1] is None else factors[1].to(xc.device, xc.dtype)
     offset = offset.to(**f64)
-    squared_error = spread = torch.zeros((), **f64)
+    squared_error = spread = 0.0
     column_sums = torch.zeros(yc.shape[1], **f64)
     step = max(1, max_elements // max(1, yc.shape[1]))
     for rows, targets in zip(xc.split(step), yc.split(step), strict=True):
         fit = rows @ first
         if second is not None:
             fit = fit @ second
-        wanted = targets.to(**f64)
-        squared_error = squared_error + (wanted - fit.to(**f64) + offset).square().sum()
-        spread = spread + wanted.square().sum()
-        column_sums = column_sums + wanted.sum(0)
+        # yc − fit rounds to within half an ulp of the residual itself; the rest is float64
+        residual = fit.neg_().add_(targets).to(torch.float64).add_(offset).reshape(-1)
+        squared_error += float(torch.dot(residual, residual))
+        wanted = targets.to(torch.float64)
+        flat = wanted.reshape(-1)
+        spread += float(torch.dot(flat, flat))
+        column_sums += wanted.sum(0)
     count, n = yc.numel(), yc.shape[0]
     # Σ (y − mean(Y))² over all elements, with y = yc + ȳ_col and mean(Y) = mean of those
     means = y_mean.to(**f64) + column_sums / max(n, 1)
-    spread = spread - float((column_sums**2).sum()) / max(n, 1)
-    spread = float(spread) + n * float(((means - means.mean()) ** 2).sum())
+    spread -= float((column_sums**2).sum()) / max(n, 1)
+    spread += n * float(((means - means.mean()) ** 2).sum())
     variance = spread / (count - 1) if count > 1 else 0.0
-    mse = float(squared_error) / count
+    mse = squared_error / count
     if variance <= 0:
         return 0.0 if mse == 0 else float("inf")
     return mse / variance
