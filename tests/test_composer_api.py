@@ -192,9 +192,10 @@ def test_transform_reports_the_measured_nmse_on_the_calibration_batches():
     assert record.rank == 8 and record.nmse_source == "calibration"
     pair, layer = gm.get_submodule("0"), model[0]
     x = torch.cat(batches).double()
-    y = x @ layer.weight.double().T + layer.bias.double()
-    hidden = x @ pair.module0.weight.double().T
-    y_hat = hidden @ pair.module1.weight.double().T + pair.module1.bias.double()
+    with torch.no_grad():
+        y = x @ layer.weight.double().T + layer.bias.double()
+        hidden = x @ pair.module0.weight.double().T
+        y_hat = hidden @ pair.module1.weight.double().T + pair.module1.bias.double()
     assert record.nmse == pytest.approx(float64_nmse(y, y_hat), **SAME_NMSE_MOMENTS)
 
 
