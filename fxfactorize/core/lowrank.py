@@ -243,13 +243,16 @@ def factorize_weight(
     rank_per_group: int,
     moments: InputMoments | None = None,
     ridge: float = RIDGE,
+    dtype: torch.dtype | None = None,
 ) -> GroupedFactors:
     """Factorize a (grouped) weight ``[G, M_g, D_g]`` at ``rank_per_group`` per group.
 
     Data-free (``moments is None``): truncated SVD; ``nmse`` is the discarded share of
     ``‖W‖²_F``, the error for white (isotropic) inputs. Data-aware: the exact minimiser of the
     output error on the calibration inputs (reduced-rank regression through the whitened SVD),
-    with the bias re-fitted so the mean output is kept; ``nmse`` is exact on that data.
+    with the bias re-fitted so the mean output is kept; ``nmse`` is exact on that data for the
+    factors and bias as they will be stored: rounded to ``dtype`` (default ``weight.dtype``).
+    The factors are returned in float64.
 
     >>> w = torch.randn(1, 8, 3) @ torch.randn(1, 3, 16)
     >>> f = factorize_weight(w, None, 3)
@@ -283,5 +286,14 @@ def factorize_weight(
     mean = moments.mean()  # keep E[y]: b̂ = b + (W − Ŵ) μ
     shift = torch.einsum("gmd,gd->gm", w64 - approx, mean).reshape(-1)
     new_bias = shift if b64 is None else b64 + shift
-    nmse = output_nmse(w64, b64, approx, new_bias, moments)
+    # the error reported is that of the tensors the layer will hold, not of their float64 values
+    stored = weight.dtype if dtype is None else dtype
+    if stored != torch.float64:
+        approx = _rounded(second, stored) @ _rounded(first, stored)
+    nmse = output_nmse(w64, b64, approx, _rounded(new_bias, stored), moments)
     return GroupedFactors(first, second, new_bias, spectrum, nmse, "calibration")
+
+
+def _rounded(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` as stored in ``dtype``, back in float64 (a no-op for float64)."""
+    return tensor.to(dtype).to(torch.float64)
