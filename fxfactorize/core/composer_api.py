@@ -110,6 +110,38 @@ def _measured_nmse(
     return mse / variance
 
 
+def _matrix_problem(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    Wa: torch.Tensor,
+    Wb: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, int | None]:
+    """The weight ``[D, M]`` (float64) that ``factorize_matrix`` approximates and the rank of the
+    given pair (``None`` for a dense ``Wa``); ``ValueError`` for shapes that do not fit or
+    non-finite weights."""
+    if X.dim() != 2 or Y.dim() != 2 or X.shape[0] != Y.shape[0]:
+        raise ValueError(
+            f"X must be [N, D] and Y [N, M] with the same N; got {tuple(X.shape)} and {tuple(Y.shape)}"
+        )
+    dim_in, dim_out = X.shape[1], Y.shape[1]
+    if Wb is None:
+        if tuple(Wa.shape) != (dim_in, dim_out):
+            raise ValueError(f"Wa must be [D, M] = {(dim_in, dim_out)}; got {tuple(Wa.shape)}")
+        weight, current = Wa.detach().to(torch.float64), None
+    else:
+        if Wa.dim() != 2 or Wa.shape[0] != dim_in or tuple(Wb.shape) != (Wa.shape[1], dim_out):
+            raise ValueError(
+                f"Wa must be [D, d] and Wb [d, M] with D={dim_in}, M={dim_out}; "
+                f"got {tuple(Wa.shape)} and {tuple(Wb.shape)}"
+            )
+        weight = Wa.detach().to(torch.float64) @ Wb.detach().to(torch.float64)
+        current = Wa.shape[1]
+    for name, tensor in (("Wa", Wa), ("Wb", Wb), ("bias", bias)):
+        _check_finite(name, tensor)
+    return weight, current
+
+
 def factorize_matrix(
     X: torch.Tensor,
     Y: torch.Tensor,
@@ -155,26 +187,8 @@ def factorize_matrix(
     ((32, 4), (4, 16), True)
     """
     _check_n_iters(n_iters)
-    if X.dim() != 2 or Y.dim() != 2 or X.shape[0] != Y.shape[0]:
-        raise ValueError(
-            f"X must be [N, D] and Y [N, M] with the same N; got {tuple(X.shape)} and {tuple(Y.shape)}"
-        )
-    dim_in, dim_out = X.shape[1], Y.shape[1]
-    if Wb is None:
-        if tuple(Wa.shape) != (dim_in, dim_out):
-            raise ValueError(f"Wa must be [D, M] = {(dim_in, dim_out)}; got {tuple(Wa.shape)}")
-        weight = Wa.detach().to(torch.float64)
-        current = None
-    else:
-        if Wa.dim() != 2 or Wa.shape[0] != dim_in or tuple(Wb.shape) != (Wa.shape[1], dim_out):
-            raise ValueError(
-                f"Wa must be [D, d] and Wb [d, M] with D={dim_in}, M={dim_out}; "
-                f"got {tuple(Wa.shape)} and {tuple(Wb.shape)}"
-            )
-        weight = Wa.detach().to(torch.float64) @ Wb.detach().to(torch.float64)
-        current = Wa.shape[1]
-    for name, tensor in (("Wa", Wa), ("Wb", Wb), ("bias", bias)):
-        _check_finite(name, tensor)
+    weight, current = _matrix_problem(X, Y, Wa, Wb, bias)
+    dim_in, dim_out = weight.shape
     requested = _composer_rank(rank, dim_in, current)
     full = requested >= min(dim_in, dim_out)  # Composer: a dense least-squares weight
     target_rank = requested if current is None else min(requested, current)
