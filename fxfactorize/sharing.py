@@ -1,16 +1,15 @@
-"""Shared modules and tied parameters: every name a module is reachable by, and which layers'
-parameters are also held by another module (an output layer tied to an embedding).
+"""Tied parameters: which layers hold a parameter that another module holds too (an output layer
+tied to an embedding). Replacing one holder would untie them, so such layers are left alone.
 
-A module object reachable under several names (two parents, or ``self.b = self.a``) is *shared*: it
-gets one replacement, installed under every name. A parameter held by two module objects is *tied*:
-replacing one holder would untie it, so such layers are left alone.
+(A module object reachable under several names is *shared*, not tied: it gets one replacement,
+installed under every name by :func:`fxfactorize.passes.rewrite.install`.)
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["module_names", "tied_layers"]
+__all__ = ["tied_layers"]
 
 
 def _walk(root: nn.Module, prefix: str = "", path: tuple[int, ...] = ()):
@@ -20,18 +19,6 @@ def _walk(root: nn.Module, prefix: str = "", path: tuple[int, ...] = ()):
         if child is None or id(child) in path:
             continue
         yield from _walk(child, f"{prefix}.{name}" if prefix else name, (*path, id(root)))
-
-
-def module_names(root: nn.Module, module: nn.Module) -> list[str]:
-    """Every qualified name under which ``module`` is reachable from ``root``, in visiting order.
-
-    >>> fc = nn.Linear(2, 2)
-    >>> root = nn.Sequential(nn.Sequential(fc), fc)
-    >>> root.alias = fc
-    >>> module_names(root, fc)
-    ['0.0', '1', 'alias']
-    """
-    return [name for name, candidate in _walk(root) if candidate is module]
 
 
 def tied_layers(root: nn.Module) -> dict[str, str]:
