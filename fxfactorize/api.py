@@ -13,7 +13,7 @@ from fxfactorize.calling import check_example_inputs
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.optimizers import as_optimizer_list, update_optimizers
 from fxfactorize.passes.calibrate import calibration_batches
-from fxfactorize.passes.pipeline import Outcome, analyse, plan_regions, run_pipeline
+from fxfactorize.passes.pipeline import Outcome, plan_regions, run_pipeline
 from fxfactorize.passes.regions import Region, regions_of
 from fxfactorize.passes.rewrite import has_submodule, install
 from fxfactorize.report import (
@@ -59,8 +59,6 @@ def plan(
     config = FactorizeConfig.build(config, **overrides)
     check_example_inputs(example_inputs)
     regions, untraced = regions_of(model, example_inputs, config)
-    for region in regions:
-        analyse(region, config)
     the_plan, _ = plan_regions(regions, config, tied_layers(model))
     if untraced is None:
         return the_plan

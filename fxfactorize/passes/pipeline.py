@@ -52,7 +52,9 @@ def plan_regions(
     tied: dict[str, str],
     moments: dict[str, InputMoments] | None = None,
 ) -> tuple[Plan, list[LayerEntry]]:
-    """One plan for the layers of every (analysed) region, and their entries."""
+    """Analyse every region, then one plan for the layers of all of them, and their entries."""
+    for region in regions:
+        analyse(region, config)
     entries = [
         entry
         for region in regions
@@ -156,8 +158,6 @@ def run_pipeline(
 ) -> Outcome:
     """Analyse, calibrate (when ``batches`` is given), plan, solve and rewrite ``regions`` of
     ``model``. The region graphs are rewritten; ``model`` itself is not changed."""
-    for region in regions:
-        analyse(region, config)
     the_plan, entries = plan_regions(regions, config, tied)
     moments = None
     if batches is not None:
