@@ -25,6 +25,7 @@ import torch
 from hypothesis import HealthCheck
 from torch import nn
 
+from fxfactorize.calling import call_model, evaluation_mode
 from fxfactorize.input_strategies import describe_inputs, inputs_for, probe_dtypes
 from fxfactorize.optimality import verify_layers
 from fxfactorize.passes.calibrate import calibration_batches
@@ -361,7 +362,7 @@ def _verified_substitutes(
     """``{reference layer: substitute}`` for every factorized layer of ``candidate``, each verified
     optimal for its rank (see :mod:`fxfactorize.optimality`); raise where one is not."""
     with _evaluating(reference):
-        verdicts = verify_layers(reference, candidate, calibration, _call)
+        verdicts = verify_layers(reference, candidate, calibration, call_model)
     for verdict in verdicts:
         if verdict.status == "fault":
             raise EquivalenceError(
@@ -406,23 +407,9 @@ def _substituted(substitutes: Mapping[nn.Module, Callable]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _evaluating(*modules: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for module in modules for m in module.modules()]
-    for module in modules:
-        module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, torch.Tensor):
-        return model(inputs)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(*inputs)
+    """Eval mode and no autograd while the check runs the models."""
+    with evaluation_mode(*modules), torch.no_grad():
+        yield
 
 
 def _validate(
@@ -539,7 +526,7 @@ class _Comparison:
         with _evaluating(self.reference, self.candidate):
             try:
                 with _substituted(self.substitutes):
-                    expected = _call(self.reference, inputs)
+                    expected = call_model(self.reference, inputs)
             except Exception:
                 if not drawn:
                     raise  # the caller's own example must run: let them see why it does not
@@ -548,7 +535,7 @@ class _Comparison:
                     return None
                 hypothesis.reject()  # inputs the reference itself refuses say nothing
             try:
-                got = _call(self.candidate, inputs)
+                got = call_model(self.candidate, inputs)
             except Exception as error:  # a candidate that raises where the reference did not fails
                 detail = f"candidate raised {type(error).__name__}: {error}"
                 return Mismatch("output", math.nan, math.nan, detail)
@@ -570,8 +557,10 @@ def _compare_end_to_end(
     """Hypothesis searches for an input where the comparison fails; raise
     :class:`EquivalenceError` with the shrunk one."""
     comparison.check(example_inputs, drawn=False)  # a plain failure there needs no search
-    accepted = probe_dtypes(comparison.candidate, example_inputs, _call)
-    dtypes = [d for d in probe_dtypes(comparison.reference, example_inputs, _call) if d in accepted]
+    accepted = probe_dtypes(comparison.candidate, example_inputs, call_model)
+    dtypes = [
+        d for d in probe_dtypes(comparison.reference, example_inputs, call_model) if d in accepted
+    ]
     strategy = inputs_for(example_inputs, batch_dim=batch_dim, dtypes=dtypes)
     if comparison.nested:
         # Inside a @given test: draw from the caller's data instead of starting a nested search,

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from hypothesis import strategies as st
 
+from fxfactorize.calling import evaluation_mode
+
 __all__ = ["describe_inputs", "inputs_for", "probe_dtypes"]
 
 # How drawn float values are distributed; the first is where Hypothesis shrinks to.
@@ -168,9 +170,7 @@ def probe_dtypes(model: torch.nn.Module, example_inputs: Any, call: Callable) ->
         d for d in (torch.float32, torch.float64) if d != floats[0].dtype
     ]
     accepted = []
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with evaluation_mode(model), torch.no_grad():
         for dtype in candidates:
             cast = _map(
                 example_inputs,
@@ -179,14 +179,10 @@ def probe_dtypes(model: torch.nn.Module, example_inputs: Any, call: Callable) ->
                 ),
             )
             try:
-                with torch.no_grad():
-                    call(model, cast)
+                call(model, cast)
             except Exception:
                 continue
             accepted.append(dtype)
-    finally:
-        for m, flag in flags:
-            m.training = flag
     return accepted
 
 

@@ -15,6 +15,7 @@ from fxfactorize.core.composer_api import factorize_conv2d
 from fxfactorize.core.latent import max_rank_with_speedup
 from fxfactorize.core.lowrank import factorize_weight
 from fxfactorize.core.solution import LowRankSolution
+from fxfactorize.layers import conv_arguments
 from fxfactorize.modules.pair import FactorizedPair, check_init, kept_bias
 
 __all__ = ["FactorizedConv1d", "FactorizedConv2d", "FactorizedConv3d", "FactorizedConvNd"]
@@ -189,11 +190,8 @@ class FactorizedConv2d(FactorizedConvNd):
             module.in_channels,
             module.out_channels,
             module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            padding_mode=module.padding_mode,
             groups=module.groups,
+            **conv_arguments(module),
             device=weight.device,
             dtype=weight.dtype,
             **kwargs,

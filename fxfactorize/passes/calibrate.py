@@ -21,7 +21,7 @@ from fxfactorize.core.composer_api import accumulate_rows
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.patches import conv_patch_rows
 from fxfactorize.errors import CalibrationError
-from fxfactorize.layers import conv_arguments, describe_module, layer_kind
+from fxfactorize.layers import LayerShape, conv_arguments, describe_module, layer_kind
 
 __all__ = [
     "MomentCollector",
@@ -54,7 +54,7 @@ class MomentCollector(fx.Interpreter):
     ) -> None:
         super().__init__(gm)
         self.moments: dict[str, InputMoments] = {}
-        self._layers: dict[str, nn.Module] = {}
+        self._layers: dict[str, tuple[nn.Module, LayerShape]] = {}
         self._qualify = qualify
         for target in targets:
             module = gm.get_submodule(target)
@@ -62,18 +62,17 @@ class MomentCollector(fx.Interpreter):
                 raise TypeError(
                     f"cannot calibrate a {type(module).__name__}; only Linear and Conv1d/2d/3d layers"
                 )
-            self._layers[target] = module
+            self._layers[target] = (module, describe_module(module))
 
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        module = self._layers.get(target)
-        if module is not None and args and isinstance(args[0], torch.Tensor):
-            self._add(target, module, args[0])
+        found = self._layers.get(target)
+        if found is not None and args and isinstance(args[0], torch.Tensor):
+            self._add(target, *found, args[0])
         return super().call_module(target, args, kwargs)
 
-    def _add(self, target: str, module: nn.Module, x: torch.Tensor) -> None:
+    def _add(self, target: str, module: nn.Module, layer: LayerShape, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
             raise _NonFiniteInput(self._qualify(target))
-        layer = describe_module(module)
         if layer.kind == "linear":
             chunks = [x.reshape(-1, layer.in_features)]
         else:

@@ -191,16 +191,18 @@ def _rewrite(
 ) -> dict[nn.Module, nn.Module]:
     """Rewrite each region's graph with its solved layers; ``{region module: what replaces it}``
     for the regions of a model whose root did not trace."""
+    replacements: dict[str, dict[str, nn.Module]] = {region.name: {} for region in regions}
+    for entry in entries:
+        if entry.target in solved:
+            owner = _region_of(entry, regions).name
+            replacements[owner][entry.local] = solved[entry.target].module
     installs = {}
     for region in regions:
-        replacements = {
-            entry.local: solved[entry.target].module
-            for entry in entries
-            if entry.target in solved and _region_of(entry, regions) is region
-        }
-        if not replacements:  # a region with nothing factorized keeps its original module
+        if not replacements[
+            region.name
+        ]:  # a region with nothing factorized keeps its original module
             continue
-        rewrite(region.graph, replacements)
+        rewrite(region.graph, replacements[region.name])
         if region.name:
             new = region.graph.layer if region.layer else region.graph
             installs[model.get_submodule(region.name)] = new
