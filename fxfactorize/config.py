@@ -38,6 +38,14 @@ def _validate_leaf_modules(value: Any) -> tuple:
     return entries
 
 
+def _validate_shrinkage(value: Any) -> str | float:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
+        return float(value)
+    raise ValueError(f"shrinkage must be 'auto' or a float in [0, 1]; got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class FactorizeConfig:
     """What to factorize and how.
@@ -71,6 +79,17 @@ class FactorizeConfig:
             keeps as opaque calls, on top of :data:`DEFAULT_LEAF_MODULES`.
         functional: also factorize ``F.linear``/``F.conv*``/``matmul`` calls whose weight is a
             parameter (they become module calls first).
+        propagate_error: with calibration, solve the layers in graph order, each on the inputs
+            it receives once the layers before it are factorized, against the original layer's
+            output on the original inputs (llm-compressor's name; ``False``: each layer is
+            solved alone on the original model's inputs).
+        sensitivity: with calibration and a ``tolerance``/``budget`` policy, weigh each layer's
+            error by how much the model's output moves when that layer's output does (measured
+            on the calibration batches), instead of counting every layer's nmse alike.
+        shrinkage: with calibration, how far to blend each layer's statistics toward the
+            data-free solution: ``"auto"`` (chosen per layer on held-out calibration folds,
+            so scarce data never does worse than data-free there) or a fixed float in [0, 1]
+            (0: trust the calibration data fully, 1: data-free).
 
     >>> FactorizeConfig(latent_features=64).latent_features
     64
@@ -95,9 +114,19 @@ class FactorizeConfig:
     on_untraceable: str = "descend"
     leaf_modules: tuple = ()
     functional: bool = True
+    propagate_error: bool = True
+    sensitivity: bool = True
+    shrinkage: str | float = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("linears", "convs", "progress", "functional"):
+        for name in (
+            "linears",
+            "convs",
+            "progress",
+            "functional",
+            "propagate_error",
+            "sensitivity",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
         for name in ("min_features", "min_channels"):
@@ -110,6 +139,7 @@ class FactorizeConfig:
                 f"on_untraceable must be 'descend' or 'raise'; got {self.on_untraceable!r}"
             )
         object.__setattr__(self, "leaf_modules", _validate_leaf_modules(self.leaf_modules))
+        object.__setattr__(self, "shrinkage", _validate_shrinkage(self.shrinkage))
         if not isinstance(self.method, str):
             raise ValueError(
                 f"method must be a str naming a registered method; got {self.method!r}"

@@ -77,6 +77,9 @@ class LayerRecord:
     detail: str | None = None  # method-specific structure, e.g. a tensorized format's ranks
     #: the record of the same module object reached under another name (its parameters count there)
     shared_with: str | None = None
+    #: data-aware only: how far the calibration statistics were blended toward data-free (0: not
+    #: at all, 1: the data-free solution), chosen on held-out calibration folds or given
+    shrinkage: float | None = None
 
     @property
     def factorized(self) -> bool:
@@ -115,6 +118,8 @@ class LayerRecord:
             outcome = "planned"
         else:
             outcome = f"{self.nmse:.3g} ({self.nmse_source})"
+            if self.shrinkage:
+                outcome = f"{self.nmse:.3g} ({self.nmse_source}, shrinkage {self.shrinkage:g})"
         if self.shared_with:
             outcome += f"; same module as {self.shared_with}"
         return [

@@ -11,14 +11,17 @@ import logging
 
 import torch
 
-from fxfactorize.core.moments import InputMoments
+from fxfactorize.core.moments import InputMoments, PairedMoments, Statistics
 
 __all__ = [
     "RIDGE",
     "GroupedFactors",
     "balanced",
+    "error_energy",
     "factorize_weight",
     "output_nmse",
+    "refit_bias",
+    "shrunk_problem",
     "reduced_rank_regression",
     "singular_values",
     "top_singular_pair",
@@ -191,18 +194,69 @@ def top_singular_pair(
     return basis * scale, (basis.T @ z) / scale.unsqueeze(1), s  # z ≈ P_r (P_rᵀ z)
 
 
+def _per_group(
+    vector: torch.Tensor | None, groups: int, out_g: int, like: torch.Tensor
+) -> torch.Tensor:
+    if vector is None:
+        return torch.zeros(groups, out_g, dtype=torch.float64, device=like.device)
+    return vector.to(torch.float64).reshape(groups, out_g)
+
+
+def _energy(w: torch.Tensor, c: torch.Tensor, moments: InputMoments) -> float:
+    """``Σ_n ‖w x_n + c‖²`` over the rows summarised by ``moments`` (``w`` ``[G, M, D]``)."""
+    quad = torch.einsum("gmd,gde,gme->", w, moments.xtx, w)
+    cross = 2 * torch.einsum("gm,gmd,gd->", c, w, moments.xsum)
+    return float(quad + cross + moments.count * (c * c).sum())
+
+
+def error_energy(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    approx_weight: torch.Tensor,
+    approx_bias: torch.Tensor | None,
+    moments: Statistics,
+) -> float:
+    """``Σ_n ‖(W x_n + b) − (Ŵ x′_n + b̂)‖²`` over the rows summarised by ``moments``, exactly.
+
+    ``x′ = x`` for :class:`InputMoments`; :class:`PairedMoments` pair the inputs the approximation
+    receives (``x′``) with the original's (``x``). Weights are ``[G, M_g, D_g]``, biases ``[G·M_g]``.
+
+    >>> m = InputMoments.zeros(2); m.update(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    >>> w = torch.eye(2).unsqueeze(0)
+    >>> error_energy(w, None, 0.5 * w, None, m)  # ‖0.5 x‖² summed: 0.25 + 1.0
+    1.25
+    """
+    groups, out_g, _ = weight.shape
+    w = weight.detach().to(torch.float64)
+    w_hat = approx_weight.detach().to(torch.float64)
+    b = _per_group(bias, groups, out_g, w)
+    b_hat = _per_group(approx_bias, groups, out_g, w)
+    if isinstance(moments, InputMoments):
+        return max(_energy(w - w_hat, b - b_hat, moments), 0.0)
+    original, inputs = moments.original, moments.inputs
+    mixed = (
+        torch.einsum("gmd,gme,ged->", w, w_hat, moments.cross)
+        + torch.einsum("gm,gme,ge->", b, w_hat, inputs.xsum)
+        + torch.einsum("gm,gmd,gd->", b_hat, w, original.xsum)
+        + moments.count * (b * b_hat).sum()
+    )
+    total = _energy(w, b, original) + _energy(w_hat, b_hat, inputs) - 2 * float(mixed)
+    return max(total, 0.0)
+
+
 def output_nmse(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     approx_weight: torch.Tensor,
     approx_bias: torch.Tensor | None,
-    moments: InputMoments,
+    moments: Statistics,
 ) -> float:
-    """nmse of ``y ≈ Ŵx + b̂`` against ``y = Wx + b`` over the inputs summarised by ``moments``.
+    """nmse of ``y ≈ Ŵx′ + b̂`` against ``y = Wx + b`` over the inputs summarised by ``moments``.
 
     Exact, from the sums alone: mean squared error over all output elements divided by the
     (unbiased) variance of all original output elements, as Composer defines nmse. Weights are
-    ``[G, M_g, D_g]``; biases ``[G·M_g]``.
+    ``[G, M_g, D_g]``; biases ``[G·M_g]``. With :class:`PairedMoments` the approximation sees
+    ``x′`` (the factorized model's inputs) and the original ``x`` (see :func:`error_energy`).
 
     >>> m = InputMoments.zeros(3); m.update(torch.randn(50, 3))
     >>> w = torch.randn(1, 2, 3)
@@ -210,40 +264,54 @@ def output_nmse(
     0.0
     """
     groups, out_g, _ = weight.shape
-    weight = weight.to(torch.float64)
-    delta = weight - approx_weight.to(torch.float64)
-
-    def per_group(vector: torch.Tensor | None) -> torch.Tensor:
-        if vector is None:
-            return torch.zeros(groups, out_g, dtype=torch.float64, device=weight.device)
-        return vector.to(torch.float64).reshape(groups, out_g)
-
-    b, b_hat = per_group(bias), per_group(approx_bias)
-    db = b - b_hat
-    n = moments.count
-    xtx, xsum = moments.xtx, moments.xsum
-
-    def energy(w: torch.Tensor, c: torch.Tensor) -> float:  # Σ_n ‖w x_n + c‖²
-        quad = torch.einsum("gmd,gde,gme->", w, xtx, w)
-        cross = 2 * torch.einsum("gm,gmd,gd->", c, w, xsum)
-        return float(quad + cross + n * (c * c).sum())
-
-    squared_error = max(energy(delta, db), 0.0)
+    w = weight.detach().to(torch.float64)
+    b = _per_group(bias, groups, out_g, w)
+    original = moments if isinstance(moments, InputMoments) else moments.original
+    squared_error = error_energy(weight, bias, approx_weight, approx_bias, moments)
+    n = original.count
     total = n * groups * out_g
-    output_sum = float(torch.einsum("gmd,gd->", weight, xsum) + n * b.sum())
-    variance = (energy(weight, b) - output_sum**2 / total) / max(total - 1, 1)
+    output_sum = float(torch.einsum("gmd,gd->", w, original.xsum) + n * b.sum())
+    variance = (_energy(w, b, original) - output_sum**2 / total) / max(total - 1, 1)
     if variance <= 0:
         return 0.0 if squared_error == 0 else float("inf")
     return squared_error / total / variance
+
+
+def shrunk_problem(
+    moments: Statistics, weight_t: torch.Tensor, group: int, shrinkage: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The covariance and cross term of one group's data-aware solve, shrunk toward data-free.
+
+    With ``C′`` the centered scatter of the inputs the layer receives and ``T`` the centered cross
+    term of its target (``C′ Wᵀ`` for its own output, ``Σ (x′ − μ′)(x − μ)ᵀ Wᵀ`` for the original
+    layer's output on the original inputs), shrinkage ``α`` gives ``(1 − α) C′ + α τ I`` and
+    ``(1 − α) T + α τ Wᵀ`` with ``τ = tr(C′)/D``: at ``α = 1`` the objective is ``τ‖M − Wᵀ‖²``,
+    the data-free one. Returns ``(cov, cross)``; ``cross`` is ``None`` when it is ``cov @ Wᵀ``.
+    """
+    inputs = moments if isinstance(moments, InputMoments) else moments.inputs
+    cov = inputs.covariance()[group]
+    cross = None
+    if isinstance(moments, PairedMoments):
+        cross = moments.cross_covariance()[group] @ weight_t
+    if shrinkage == 0:
+        return cov, cross
+    dim = cov.shape[0]
+    tau = float(torch.trace(cov)) / dim
+    eye = torch.eye(dim, dtype=cov.dtype, device=cov.device)
+    shrunk = (1 - shrinkage) * cov + shrinkage * tau * eye
+    if cross is not None:
+        cross = (1 - shrinkage) * cross + shrinkage * tau * weight_t
+    return shrunk, cross
 
 
 def factorize_weight(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     rank_per_group: int,
-    moments: InputMoments | None = None,
+    moments: Statistics | None = None,
     ridge: float = RIDGE,
     dtype: torch.dtype | None = None,
+    shrinkage: float = 0.0,
 ) -> GroupedFactors:
     """Factorize a (grouped) weight ``[G, M_g, D_g]`` at ``rank_per_group`` per group.
 
@@ -252,7 +320,11 @@ def factorize_weight(
     output error on the calibration inputs (reduced-rank regression through the whitened SVD),
     with the bias re-fitted so the mean output is kept; ``nmse`` is exact on that data for the
     factors and bias as they will be stored: rounded to ``dtype`` (default ``weight.dtype``).
-    The factors are returned in float64.
+    With :class:`PairedMoments` the inputs are those the layer receives in a partly factorized
+    model and the target is the original layer's output on the original inputs (the anchored
+    objective). ``shrinkage`` ``α ∈ [0, 1]`` blends the statistics toward the data-free problem
+    (see :func:`shrunk_problem`); ``α = 1`` is the data-free solution, bias kept, with its
+    error measured on the data. The factors are returned in float64.
 
     >>> w = torch.randn(1, 8, 3) @ torch.randn(1, 3, 16)
     >>> f = factorize_weight(w, None, 3)
@@ -261,15 +333,18 @@ def factorize_weight(
     """
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf")
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must be in [0, 1]; got {shrinkage!r}")
     groups = weight.shape[0]
     w64 = weight.detach().to(torch.float64)
+    data_free = moments is None or shrinkage == 1.0
     firsts, seconds, spectra = [], [], []
     for g in range(groups):
-        if moments is None:
+        if data_free:
             first, second, s = truncated_svd(w64[g], rank_per_group)
         else:
-            cov = moments.covariance()[g]
-            wa, wb, s = reduced_rank_regression(cov, w64[g].T, rank_per_group, ridge=ridge)
+            cov, cross = shrunk_problem(moments, w64[g].T, g, shrinkage)
+            wa, wb, s = reduced_rank_regression(cov, w64[g].T, rank_per_group, cross, ridge)
             first, second = wa.T, wb.T
         firsts.append(first)
         seconds.append(second)
@@ -283,15 +358,31 @@ def factorize_weight(
         kept = float((spectrum[:, :rank_per_group] ** 2).sum())
         nmse = max(total - kept, 0.0) / total if total > 0 else 0.0
         return GroupedFactors(first, second, b64, spectrum, nmse, "weights")
-    mean = moments.mean()  # keep E[y]: b̂ = b + (W − Ŵ) μ
-    shift = torch.einsum("gmd,gd->gm", w64 - approx, mean).reshape(-1)
-    new_bias = shift if b64 is None else b64 + shift
+    new_bias = b64 if data_free else refit_bias(w64, b64, approx, moments)
     # the error reported is that of the tensors the layer will hold, not of their float64 values
     stored = weight.dtype if dtype is None else dtype
     if stored != torch.float64:
         approx = _rounded(second, stored) @ _rounded(first, stored)
-    nmse = output_nmse(w64, b64, approx, _rounded(new_bias, stored), moments)
+    stored_bias = None if new_bias is None else _rounded(new_bias, stored)
+    nmse = output_nmse(w64, b64, approx, stored_bias, moments)
     return GroupedFactors(first, second, new_bias, spectrum, nmse, "calibration")
+
+
+def refit_bias(
+    weight: torch.Tensor, bias: torch.Tensor | None, approx: torch.Tensor, moments: Statistics
+) -> torch.Tensor:
+    """The bias that keeps the mean output: ``b̂ = b + W μ − Ŵ μ′`` (``μ′ = μ`` unpaired).
+
+    >>> m = InputMoments.zeros(1); m.update(torch.tensor([[2.0], [4.0]]))
+    >>> refit_bias(torch.ones(1, 1, 1), None, torch.zeros(1, 1, 1), m).tolist()
+    [3.0]
+    """
+    inputs = moments if isinstance(moments, InputMoments) else moments.inputs
+    original = moments if isinstance(moments, InputMoments) else moments.original
+    weight, approx = weight.to(torch.float64), approx.to(torch.float64)
+    shift = torch.einsum("gmd,gd->gm", weight, original.mean())
+    shift = (shift - torch.einsum("gmd,gd->gm", approx, inputs.mean())).reshape(-1)
+    return shift if bias is None else bias.to(torch.float64) + shift
 
 
 def _rounded(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

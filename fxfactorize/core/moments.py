@@ -1,4 +1,6 @@
-"""`InputMoments`: streaming, additive second-moment statistics of a layer's input."""
+"""Streaming, additive second-moment statistics of a layer's input: `InputMoments` (the inputs
+alone) and `PairedMoments` (the inputs a factorized model feeds the layer, paired row by row with
+the original model's inputs, for the error-propagating solve)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import dataclasses
 
 import torch
 
-__all__ = ["InputMoments"]
+__all__ = ["InputMoments", "PairedMoments", "Statistics"]
 
 
 @dataclasses.dataclass
@@ -69,3 +71,77 @@ class InputMoments:
             return torch.zeros_like(self.xtx)
         centered = self.xtx - self.xsum.unsqueeze(2) * self.xsum.unsqueeze(1) / self.count
         return (centered + centered.transpose(1, 2)) / 2
+
+
+@dataclasses.dataclass
+class PairedMoments:
+    """Statistics of row pairs ``(x′, x)``: ``x′`` what the layer receives in the model whose earlier
+    layers are already factorized, ``x`` what it receives in the original model.
+
+    ``inputs`` sums ``x′``, ``original`` sums ``x`` and ``cross`` is ``Σ x′ xᵀ`` (``[groups, D, D]``).
+    The target of the error-propagating solve is the original layer's output ``W x + b``, so these
+    sums are all it needs, whatever the layer's output width: memory ``3 · groups · D²``.
+
+    >>> m = PairedMoments.zeros(3)
+    >>> x = torch.randn(10, 3); m.update(x + 0.1, x)
+    >>> m.count, tuple(m.cross_covariance().shape)
+    (10, (1, 3, 3))
+    """
+
+    inputs: InputMoments
+    original: InputMoments
+    cross: torch.Tensor
+
+    @classmethod
+    def zeros(
+        cls, dim: int, groups: int = 1, device: torch.device | str | None = None
+    ) -> PairedMoments:
+        """Empty statistics for ``groups`` blocks of ``dim``-dimensional inputs."""
+        return cls(
+            InputMoments.zeros(dim, groups, device),
+            InputMoments.zeros(dim, groups, device),
+            torch.zeros(groups, dim, dim, dtype=torch.float64, device=device),
+        )
+
+    @property
+    def count(self) -> int:
+        return self.inputs.count
+
+    @property
+    def groups(self) -> int:
+        return self.inputs.groups
+
+    @property
+    def dim(self) -> int:
+        return self.inputs.dim
+
+    def update(self, rows: torch.Tensor, original_rows: torch.Tensor) -> None:
+        """Add row pairs: ``rows`` (``x′``) and ``original_rows`` (``x``), both ``[N, groups · D]``."""
+        if rows.shape != original_rows.shape:
+            raise ValueError(
+                f"paired rows differ in shape: {tuple(rows.shape)} and {tuple(original_rows.shape)}"
+            )
+        shaped = rows.detach().reshape(-1, self.groups, self.dim).to(torch.float64).transpose(0, 1)
+        original = original_rows.detach().reshape(-1, self.groups, self.dim)
+        original = original.to(torch.float64).transpose(0, 1)
+        self.cross += shaped.transpose(1, 2) @ original
+        self.inputs.update(rows)
+        self.original.update(original_rows)
+
+    def __add__(self, other: PairedMoments) -> PairedMoments:
+        return PairedMoments(
+            self.inputs + other.inputs, self.original + other.original, self.cross + other.cross
+        )
+
+    def cross_covariance(self) -> torch.Tensor:
+        """Centered ``Σ (x′ − μ′)(x − μ)ᵀ`` per group (a sum, not divided by the count)."""
+        if self.count == 0:
+            return torch.zeros_like(self.cross)
+        return (
+            self.cross
+            - self.inputs.xsum.unsqueeze(2) * self.original.xsum.unsqueeze(1) / self.count
+        )
+
+
+#: What the data-aware solvers take: a layer's own inputs, or inputs paired with the original's.
+Statistics = InputMoments | PairedMoments

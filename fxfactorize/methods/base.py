@@ -7,7 +7,7 @@ from typing import Protocol
 
 from torch import nn
 
-from fxfactorize.core.moments import InputMoments
+from fxfactorize.core.moments import Statistics
 from fxfactorize.layers import LayerShape
 
 __all__ = [
@@ -35,6 +35,8 @@ class Solved:
     nmse_source: str  # "weights" or "calibration"
     bias: bool  # whether the replacement carries an output bias
     detail: str | None = None  # format-specific description (e.g. tensorized modes and ranks)
+    shrinkage: float | None = None  # α blended toward data-free (data-aware pairs only)
+    shrinkage_note: str | None = None  # why α could not be validated on held-out folds
 
 
 class Method(Protocol):
@@ -59,9 +61,16 @@ class Method(Protocol):
         """A description of the replacement's structure for the report (``None``: the rank says all)."""
 
     def solve(
-        self, module: nn.Module, layer: LayerShape, rank: int, moments: InputMoments | None
+        self,
+        module: nn.Module,
+        layer: LayerShape,
+        rank: int,
+        moments: Statistics | None,
+        shrinkage: float = 0.0,
     ) -> Solved:
-        """Build the replacement of ``module`` at ``rank`` (data-aware when ``moments`` is given)."""
+        """Build the replacement of ``module`` at ``rank`` (data-aware when ``moments`` is given:
+        :class:`~fxfactorize.core.moments.PairedMoments` for the error-propagating objective;
+        ``shrinkage`` blends them toward data-free, see :func:`fxfactorize.core.lowrank.factorize_weight`)."""
 
     def describe(self, replacement: nn.Module) -> dict:
         """A JSON-able spec from which :meth:`rebuild` recreates ``replacement``'s structure."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from fxfactorize.core.lowrank import factorize_weight
-from fxfactorize.core.moments import InputMoments
+from fxfactorize.core.moments import Statistics
 from fxfactorize.core.solution import LowRankSolution
 from fxfactorize.layers import LayerShape, conv_arguments, grouped_weight, layer_kind
 from fxfactorize.methods.base import Solved, register_method, spec_bool, spec_int
@@ -54,10 +54,15 @@ class LowRankMethod:
         return None
 
     def solve(
-        self, module: nn.Module, layer: LayerShape, rank: int, moments: InputMoments | None
+        self,
+        module: nn.Module,
+        layer: LayerShape,
+        rank: int,
+        moments: Statistics | None,
+        shrinkage: float = 0.0,
     ) -> Solved:
         weight, bias = grouped_weight(module)
-        factors = factorize_weight(weight, bias, rank // layer.groups, moments)
+        factors = factorize_weight(weight, bias, rank // layer.groups, moments, shrinkage=shrinkage)
         has_bias = factors.bias is not None
         new = self.rebuild(module, layer, {"rank": rank, "bias": has_bias})
         new.apply_solution(solution_from_factors(module, factors, rank))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fxfactorize.core.lowrank import output_nmse
-from fxfactorize.core.moments import InputMoments
+from fxfactorize.core.moments import Statistics
 from fxfactorize.layers import LayerShape
 from fxfactorize.methods.base import Solved, register_method, spec_bool, spec_value
 from fxfactorize.tensorized.layer import FactorizedLinear, forward_macs
@@ -76,8 +76,13 @@ class TensorizedMethod:
         return macs, s.n_parameters + (layer.out_features if layer.bias else 0)
 
     def solve(
-        self, module: nn.Module, layer: LayerShape, rank: int, moments: InputMoments | None
-    ) -> Solved:
+        self,
+        module: nn.Module,
+        layer: LayerShape,
+        rank: int,
+        moments: Statistics | None,
+        shrinkage: float = 0.0,
+    ) -> Solved:  # the tensorized solve is data-free: statistics only measure its error
         s = self.structure(layer, rank)
         new = FactorizedLinear.from_linear(
             module,

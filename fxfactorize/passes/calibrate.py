@@ -20,11 +20,14 @@ from fxfactorize.calling import check_example_inputs, evaluation_mode, normalize
 from fxfactorize.core.composer_api import accumulate_rows
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.patches import conv_patch_rows
+from fxfactorize.core.shrinkage import sum_statistics
 from fxfactorize.errors import CalibrationError
 from fxfactorize.layers import LayerShape, conv_arguments, describe_module, layer_kind
 
 __all__ = [
+    "FOLDS",
     "MomentCollector",
+    "add_rows",
     "calibrate",
     "calibration_batches",
     "calibration_warnings",
@@ -42,8 +45,37 @@ class _NonFiniteInput(ValueError):
         self.target = target  # kept apart: fx may append its own context to the message
 
 
+#: Calibration statistics are kept in this many disjoint folds, to validate the shrinkage on.
+FOLDS = 2
+
+
+def add_rows(
+    folds: list, rows: torch.Tensor, original_rows: torch.Tensor | None = None, call: int = 0
+) -> None:
+    """Add ``rows`` (paired with ``original_rows`` when given) to two folds of statistics: the
+    first half of the rows to fold ``call % 2``, the rest to the other one. Rows come sample by
+    sample, so each fold holds other samples of every batch.
+
+    >>> folds = [InputMoments.zeros(2), InputMoments.zeros(2)]
+    >>> add_rows(folds, torch.ones(5, 2), call=1)
+    >>> [fold.count for fold in folds]
+    [2, 3]
+    """
+    half = (rows.shape[0] + 1) // 2
+    parts = [(0, half), (half, rows.shape[0])]
+    for index, (start, stop) in enumerate(parts):
+        if stop <= start:
+            continue
+        fold = folds[(call + index) % len(folds)]
+        if original_rows is None:
+            accumulate_rows(fold, rows[start:stop])
+        else:
+            fold.update(rows[start:stop], original_rows[start:stop])
+
+
 class MomentCollector(fx.Interpreter):
-    """Runs a GraphModule and accumulates the inputs of the layers in ``targets`` into ``moments``.
+    """Runs a GraphModule and accumulates the inputs of the layers in ``targets`` into ``moments``
+    (``folds`` holds them in :data:`FOLDS` disjoint parts, see :func:`add_rows`).
 
     NaN or Inf at a layer's input raises an error naming the layer by ``qualify(target)`` (its
     name in the model when ``gm`` is a region of it).
@@ -53,7 +85,8 @@ class MomentCollector(fx.Interpreter):
         self, gm: fx.GraphModule, targets: Iterable[str], qualify: Callable[[str], str] = str
     ) -> None:
         super().__init__(gm)
-        self.moments: dict[str, InputMoments] = {}
+        self.folds: dict[str, list[InputMoments]] = {}
+        self._calls: dict[str, int] = {}
         self._layers: dict[str, tuple[nn.Module, LayerShape]] = {}
         self._qualify = qualify
         for target in targets:
@@ -77,10 +110,20 @@ class MomentCollector(fx.Interpreter):
             chunks = [x.reshape(-1, layer.in_features)]
         else:
             chunks = conv_patch_rows(x, layer.kernel, **conv_arguments(module))
-        if target not in self.moments:
-            self.moments[target] = InputMoments.zeros(layer.fan_in, layer.groups, device=x.device)
+        if target not in self.folds:
+            self.folds[target] = [
+                InputMoments.zeros(layer.fan_in, layer.groups, device=x.device)
+                for _ in range(FOLDS)
+            ]
+        call = self._calls.get(target, 0)
+        self._calls[target] = call + 1
         for rows in chunks:
-            accumulate_rows(self.moments[target], rows)
+            add_rows(self.folds[target], rows, call=call)
+
+    @property
+    def moments(self) -> dict[str, InputMoments]:
+        """All rows' statistics per target (the folds summed)."""
+        return {target: sum_statistics(folds) for target, folds in self.folds.items()}
 
 
 def _node_of(gm: fx.GraphModule, target: str) -> str:

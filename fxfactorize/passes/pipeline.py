@@ -9,15 +9,15 @@ calibration statistics cover every region, and a layer module shared by regions 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Iterable
 from typing import Any
 
-from torch import fx, nn
+from torch import nn
 
 from fxfactorize.calling import call_model, evaluation_mode, normalize_inputs
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.core.moments import InputMoments
+from fxfactorize.core.shrinkage import sum_statistics
 from fxfactorize.layers import layer_kind
 from fxfactorize.methods import Solved
 from fxfactorize.passes.calibrate import MomentCollector, calibration_warnings, run_calibration
@@ -26,6 +26,9 @@ from fxfactorize.passes.functional import convert_functional_layers
 from fxfactorize.passes.plan import LayerEntry, candidate_targets, layer_entries, plan_layers
 from fxfactorize.passes.regions import Region
 from fxfactorize.passes.rewrite import install, rewrite
+from fxfactorize.passes.runner import StandIn
+from fxfactorize.passes.sensitivity import error_weights, output_gains
+from fxfactorize.passes.sequential import solve_sequentially
 from fxfactorize.passes.shapes import propagate_shapes
 from fxfactorize.passes.solve import solve_layers, solved_records
 from fxfactorize.report import LayerRecord, Plan
@@ -63,20 +66,6 @@ def plan_regions(
     return plan_layers(entries, config, moments=moments), entries
 
 
-class _Collecting(nn.Module):
-    """Stands in for a region while the whole model runs calibration batches: runs the region's
-    graph through a :class:`MomentCollector`, which records its layers' inputs."""
-
-    def __init__(self, gm: fx.GraphModule, collector: MomentCollector) -> None:
-        super().__init__()
-        self.gm, self.collector = gm, collector
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        bound = inspect.signature(self.gm.forward).bind(*args, **kwargs)
-        bound.apply_defaults()
-        return self.collector.run(*normalize_inputs(self.gm, dict(bound.arguments)))
-
-
 def calibrate_regions(
     model: nn.Module,
     regions: list[Region],
@@ -84,10 +73,11 @@ def calibrate_regions(
     targets: Iterable[str],
     batches: Iterable[Any],
     progress: bool = True,
-) -> dict[str, InputMoments]:
-    """Input moments of the Linear/Conv layers ``targets`` (model names), collected while the
-    model runs ``batches``: the whole model's graph, or the model itself with each region standing
-    in through its graph. ``model`` is restored.
+) -> dict[str, list[InputMoments]]:
+    """Input moments of the Linear/Conv layers ``targets`` (model names), in
+    :data:`~fxfactorize.passes.calibrate.FOLDS` disjoint folds, collected while the model runs
+    ``batches``: the whole model's graph, or the model itself with each region standing in
+    through its graph. ``model`` is restored.
     """
     wanted = set(targets)
     local = {region.name: [] for region in regions}
@@ -108,7 +98,7 @@ def calibrate_regions(
             )
     else:
         stand_ins = {
-            model.get_submodule(r.name): _Collecting(r.graph, collectors[r.name]) for r in regions
+            model.get_submodule(r.name): StandIn(r.graph, collectors[r.name].run) for r in regions
         }
         undo = install(model, stand_ins)
         try:
@@ -122,9 +112,9 @@ def calibrate_regions(
         finally:
             undo()
     return {
-        region.qualify(target): stats
+        region.qualify(target): folds
         for region in regions
-        for target, stats in collectors[region.name].moments.items()
+        for target, folds in collectors[region.name].folds.items()
     }
 
 
@@ -157,24 +147,39 @@ def run_pipeline(
     tied: dict[str, str],
 ) -> Outcome:
     """Analyse, calibrate (when ``batches`` is given), plan, solve and rewrite ``regions`` of
-    ``model``. The region graphs are rewritten; ``model`` itself is not changed."""
+    ``model``. The region graphs are rewritten; ``model`` itself is not changed.
+
+    With ``batches``: the tolerance/budget policies replan on every candidate's statistics (and,
+    with ``config.sensitivity``, on each layer's measured effect on the output); the layers are
+    then solved independently on them or, with ``config.propagate_error``, in graph order (see
+    :mod:`fxfactorize.passes.sequential`)."""
     the_plan, entries = plan_regions(regions, config, tied)
-    moments = None
-    if batches is not None:
-        replan = config.tolerance is not None or config.budget is not None
-        # policies that predict errors from the statistics need those of every candidate
-        targets = (
-            candidate_targets(entries, config)
-            if replan
-            else [record.target for record in the_plan.factorized]
-        )
-        moments = calibrate_regions(model, regions, entries, targets, batches, config.progress)
-        if replan:
-            the_plan = plan_layers(entries, config, moments=moments)
     layers = {entry.target: (entry.site.module, entry.site.layer) for entry in entries}
-    solved, shared_with = solve_layers(layers, the_plan, moments, config.progress)
+    if batches is None:
+        solved, shared_with = solve_layers(layers, the_plan, None, config.progress)
+        moments = None
+    else:
+        if config.propagate_error and not isinstance(batches, (list, tuple)):
+            batches = list(batches)  # the error-propagating solve runs them once per wave
+        the_plan, folds = _calibrated_plan(model, regions, entries, the_plan, config, batches)
+        if config.propagate_error and the_plan.factorized:
+            solved, shared_with, paired = solve_sequentially(
+                model, regions, entries, the_plan, batches, config.shrinkage, config.progress
+            )
+            moments = {target: stats.inputs for target, stats in paired.items()}
+        else:
+            solved, shared_with = solve_layers(
+                layers, the_plan, folds, config.progress, config.shrinkage
+            )
+            moments = {target: sum_statistics(parts) for target, parts in folds.items()}
     records = solved_records(the_plan, solved, shared_with)
     warnings = the_plan.warnings + calibration_warnings(moments, the_plan)
+    warnings += [
+        f"layer {target}: shrinkage could not be validated ({result.shrinkage_note}); "
+        "solved data-free"
+        for target, result in solved.items()
+        if result.shrinkage_note and target not in shared_with
+    ]
     replaced_layers = {layers[target][0]: result.module for target, result in solved.items()}
     return Outcome(
         the_plan,
@@ -184,6 +189,37 @@ def run_pipeline(
         _rewrite(model, regions, entries, solved),
         solved,
     )
+
+
+def _calibrated_plan(
+    model: nn.Module,
+    regions: list[Region],
+    entries: list[LayerEntry],
+    the_plan: Plan,
+    config: FactorizeConfig,
+    batches: Iterable[Any],
+) -> tuple[Plan, dict[str, list[InputMoments]]]:
+    """The plan made with the calibration statistics (tolerance/budget policies predict errors
+    from those of every candidate) and the folds of the statistics collected for it. With
+    ``propagate_error`` and a fixed-rank policy nothing needs collecting here."""
+    replan = config.tolerance is not None or config.budget is not None
+    if not replan and config.propagate_error and the_plan.factorized:
+        return the_plan, {}  # the sequential solve collects what it needs (and checks the batches)
+    targets = (
+        candidate_targets(entries, config)
+        if replan
+        else [record.target for record in the_plan.factorized]
+    )
+    folds = calibrate_regions(model, regions, entries, targets, batches, config.progress)
+    if not replan:
+        return the_plan, folds
+    moments = {target: sum_statistics(parts) for target, parts in folds.items()}
+    weights = None
+    if config.sensitivity:
+        gains = output_gains(model, regions, entries, moments, batches)
+        modules = {entry.target: entry.site.module for entry in entries if entry.target in moments}
+        weights = error_weights(gains, modules, moments)
+    return plan_layers(entries, config, moments=moments, weights=weights), folds
 
 
 def _rewrite(

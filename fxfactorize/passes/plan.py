@@ -183,15 +183,21 @@ def _policy_ranks(
     config: FactorizeConfig,
     cost_model: CostModel,
     moments: Mapping[str, InputMoments] | None,
+    weights: Mapping[str, float] | None = None,
 ) -> tuple[dict[str, int | None], dict[str, str]]:
     """The rank the tolerance or budget policy gives each considered layer (``None``: keep it),
-    and why each kept layer is kept."""
+    and why each kept layer is kept. ``weights`` scale each layer's predicted nmse (what it
+    costs the model's output, see :mod:`fxfactorize.passes.sensitivity`)."""
     considered = [
         entry
         for entry in entries
         if entry.skip is None and get_method(method_for(entry.site.layer, config)).is_pair
     ]
-    curves = {entry.target: _error_curve(entry, moments) for entry in considered}
+    weights = weights or {}
+    curves = {
+        entry.target: _error_curve(entry, moments) * weights.get(entry.target, 1.0)
+        for entry in considered
+    }
     if config.tolerance is not None:
         ranks = {
             e.target: rank_for_tolerance(curves[e.target], config.tolerance) for e in considered
@@ -337,16 +343,18 @@ def plan_layers(
     config: FactorizeConfig,
     *,
     moments: Mapping[str, InputMoments] | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> Plan:
     """The plan of ``entries`` (from one graph or several): as :func:`plan_graph`, with a budget
-    shared by all of them. ``moments`` are keyed by the entries' targets.
+    shared by all of them. ``moments`` are keyed by the entries' targets; ``weights`` (same
+    keys) scale each layer's predicted nmse in the tolerance/budget policies.
     """
     get_method(config.method)  # an unknown method is an error even if no Linear uses it
     cost_model = get_cost_model(config.cost_model)
     policy: dict[str, int | None] = {}
     kept: dict[str, str] = {}
     if config.tolerance is not None or config.budget is not None:
-        policy, kept = _policy_ranks(entries, config, cost_model, moments)
+        policy, kept = _policy_ranks(entries, config, cost_model, moments, weights)
     records = [_record(entry, config, cost_model, policy, kept) for entry in entries]
     sites = {entry.target: entry.site for entry in entries}
     warning = _budget_warning(records, sites, config, cost_model)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fxfactorize.core.moments import InputMoments
-from fxfactorize.layers import LayerShape
+from fxfactorize.core.moments import InputMoments, Statistics
+from fxfactorize.core.shrinkage import choose_shrinkage, sum_statistics
+from fxfactorize.layers import LayerShape, grouped_weight
 from fxfactorize.methods import Solved, get_method
 from fxfactorize.passes.cost import LAYER_META
 from fxfactorize.report import LayerRecord, Plan
 
-__all__ = ["solve_layers", "solve_plan", "solved_records"]
+__all__ = ["solve_layer", "solve_layers", "solve_plan", "solved_records"]
 
 log = logging.getLogger("fxfactorize")
 
@@ -38,14 +39,48 @@ def solve_plan(
     return solve_layers(layers, plan, moments, progress)[0]
 
 
+def solve_layer(
+    record: LayerRecord,
+    module: nn.Module,
+    layer: LayerShape,
+    statistics: Statistics | Sequence[Statistics] | None,
+    shrinkage: float | str = 0.0,
+) -> Solved:
+    """Solve one planned layer: data-free without ``statistics``; else data-aware on them, which
+    are either all rows' statistics or their folds (a list). ``shrinkage`` is ``"auto"`` (chosen
+    on the folds by :func:`~fxfactorize.core.shrinkage.choose_shrinkage`) or a fixed ``α``.
+    The result's ``shrinkage`` (and ``detail``) say which ``α`` was used."""
+    folds = list(statistics) if isinstance(statistics, Sequence) else None
+    stats = sum_statistics(folds) if folds else statistics
+    alpha, why = (0.0, None) if shrinkage == "auto" else (float(shrinkage), None)
+    method = get_method(record.method)
+    if stats is not None and shrinkage == "auto" and method.is_pair:
+        weight, bias = grouped_weight(module)
+        choice = choose_shrinkage(weight, bias, record.rank // layer.groups, folds or [stats])
+        alpha, why = choice.alpha, choice.reason
+    try:
+        result = method.solve(module, layer, record.rank, stats, shrinkage=alpha)
+    except ValueError as error:
+        raise ValueError(
+            f"cannot factorize graph node {record.node!r} ({record.target}): {error}"
+        ) from error
+    if stats is not None and method.is_pair:
+        result.shrinkage = alpha
+        result.shrinkage_note = why
+    log.debug("solved %s at rank %d: nmse %.3g", record.target, record.rank, result.nmse)
+    return result
+
+
 def solve_layers(
     layers: Mapping[str, tuple[nn.Module, LayerShape]],
     plan: Plan,
-    moments: Mapping[str, InputMoments] | None = None,
+    moments: Mapping[str, Statistics | Sequence[Statistics]] | None = None,
     progress: bool = True,
+    shrinkage: float | str = 0.0,
 ) -> tuple[dict[str, Solved], dict[str, str]]:
     """Solve each factorized record of ``plan``, its module and geometry taken from ``layers``
-    (``{target: (module, LayerShape)}``). A module object planned under several targets is solved
+    (``{target: (module, LayerShape)}``) and its statistics (or their folds) from ``moments``;
+    see :func:`solve_layer`. A module object planned under several targets is solved
     once: the later targets get the same :class:`Solved` and appear in the second result,
     ``{target: the target it shares with}``.
     """
@@ -61,20 +96,7 @@ def solve_layers(
             continue
         first_target[id(module)] = record.target
         stats = None if moments is None else moments.get(record.target)
-        try:
-            solved[record.target] = get_method(record.method).solve(
-                module, layer, record.rank, stats
-            )
-        except ValueError as error:
-            raise ValueError(
-                f"cannot factorize graph node {record.node!r} ({record.target}): {error}"
-            ) from error
-        log.debug(
-            "solved %s at rank %d: nmse %.3g",
-            record.target,
-            record.rank,
-            solved[record.target].nmse,
-        )
+        solved[record.target] = solve_layer(record, module, layer, stats, shrinkage)
     return solved, shared_with
 
 
@@ -95,6 +117,7 @@ def solved_records(
                 detail=result.detail or record.detail,
                 params_after=sum(p.numel() for p in result.module.parameters()),
                 shared_with=shared_with.get(record.target),
+                shrinkage=result.shrinkage,
             )
         records.append(record)
     return records
