@@ -133,6 +133,8 @@ def transform(
     outcome = run_pipeline(working, regions, config, batches, tied_layers(working))
     result = regions[0].graph if untraced is None else working
     report = _report(outcome, config, regions, untraced)
+    if batches is not None:
+        report.calibration = "propagate_error" if config.propagate_error else "independent"
     replaced = {t: model.get_submodule(t) for t in outcome.solved if has_submodule(model, t)}
     undo = install(working, outcome.regions)  # a partial result: its regions become graphs
     try:

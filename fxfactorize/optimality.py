@@ -31,6 +31,17 @@ sum also runs over the groups of a grouped convolution.
   number 1e6 in a rotated basis). This is the optimum of each layer on the *reference's*
   activations, which is what ``transform(..., calibration=...)`` solves for; a layer trained or
   solved on other inputs afterwards is not verified by it.
+* **Shrunk or error-propagating** (``shrinkage``, ``propagate_error``; rank-r pairs, given the
+  calibration batches): the layer must minimise, for some ``α`` of
+  :data:`~fxfactorize.core.shrinkage.SHRINKAGE_GRID`, the objective the solver states,
+  ``F_α(M) = (1 − α) E(M) + (α τ + λ) ‖M − Wᵀ‖²_F`` with ``τ = tr(C′)/D``, where ``E`` is the
+  error of ``M`` against the reference layer's output: either on the reference's own inputs or,
+  for the error-propagating solve, on the inputs the *candidate* feeds the layer (``x′``, paired
+  row by row with the reference's ``x``). Its minimum over rank-r ``M`` is
+  ``c − Σ_{i≤r} s_i(Z)²`` with ``Z = L⁻¹ B`` (``L Lᵀ = (1 − α) C′ + (α τ + λ) I``,
+  ``B = (1 − α) T + (α τ + λ) Wᵀ``, ``T`` the centered cross term, ``c`` the constant); the
+  candidate's ``F_α`` (with its own bias, so ``E`` counts any mean error too) may exceed it by
+  ``SHRUNK_SLACK · c`` plus the rounding term above.
 * **Tensorized** TT / blockTT / Tucker: no closed-form optimum; the layer must be as close as the
   textbook algorithm for its format gets at its ranks, computed here with exact float64 SVDs:
   TT-SVD (TT, blockTT) or HOSVD (Tucker; HOOI sweeps only improve on it). Both are quasi-optimal
@@ -59,9 +70,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxfactorize.core.composer_api import accumulate_rows
-from fxfactorize.core.lowrank import RIDGE
-from fxfactorize.core.moments import InputMoments
+from fxfactorize.core.lowrank import RIDGE, error_energy
+from fxfactorize.core.moments import InputMoments, PairedMoments, Statistics
 from fxfactorize.core.patches import conv_patch_rows
+from fxfactorize.core.shrinkage import SHRINKAGE_GRID
 from fxfactorize.errors import CalibrationError
 from fxfactorize.modules import FactorizedConvNd, FactorizedLinear
 from fxfactorize.tensorized.layer import FactorizedLinear as TensorizedLinear
@@ -70,6 +82,7 @@ __all__ = [
     "Affine",
     "Verdict",
     "collect_moments",
+    "collect_paired",
     "factorized_layers",
     "reference_affine",
     "verify_layers",
@@ -80,6 +93,9 @@ log = logging.getLogger("fxfactorize")
 # Multiples of the rounding envelope allowed (see the module docstring).
 ROUNDING = 2.0
 CALIBRATED_ROUNDING = 2.0
+# Relative slack of the shrunk/propagated certificate: float64 cancellation in c − Σ s², with
+# whitening of condition number up to 1e6 (measured: honest layers use under 1e-11).
+SHRUNK_SLACK = 1e-9
 # Relative slack on the TT-SVD / HOSVD bound for the randomized range finder (measured ≤ 0.3 %).
 TENSOR_RTOL = 1e-2
 
@@ -131,6 +147,7 @@ class Verdict:
     reference: nn.Module | None = None
     substitute: Callable[[torch.Tensor], torch.Tensor] | None = None
     needs_calibration: bool = False
+    needs_pairs: bool = False  # a fault on the reference's inputs: try the candidate's own
 
 
 def factorized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -349,6 +366,66 @@ def _calibrated(
     return error <= allowed, detail, _relative(max(error - allowed, 0.0), energy)
 
 
+def _group(stats: Statistics, g: int) -> Statistics:
+    """Group ``g`` of grouped statistics, as one-group statistics."""
+
+    def one(m: InputMoments) -> InputMoments:
+        return InputMoments(m.xtx[g : g + 1], m.xsum[g : g + 1], m.count)
+
+    if isinstance(stats, InputMoments):
+        return one(stats)
+    return PairedMoments(one(stats.inputs), one(stats.original), stats.cross[g : g + 1])
+
+
+def _shrunk(ref: Affine, cand: Affine, rank_g: int, stats: Statistics) -> tuple[bool, str, float]:
+    """Whether ``cand`` minimises ``F_α`` on ``stats`` for some ``α`` of the grid (see the module
+    docstring); the detail names the ``α`` that fits, or the closest miss."""
+    eps = _eps(ref.dtype, cand.dtype, torch.float32)
+    parts = []  # per group: (error, distance, cov, original cov, cross, rounding)
+    for g in range(ref.groups):
+        one = _group(stats, g)
+        inputs = one if isinstance(one, InputMoments) else one.inputs
+        original = one if isinstance(one, InputMoments) else one.original
+        weight, bias = ref.weight[g : g + 1], ref.bias[g]
+        error = error_energy(weight, bias, cand.weight[g : g + 1], cand.bias[g], one)
+        rounding = (CALIBRATED_ROUNDING * eps) ** 2 * max(rank_g, 1)
+        rounding *= _output_energy(weight, ref.bias[g : g + 1], original)
+        cov = inputs.covariance()[0]
+        cross = cov if isinstance(one, InputMoments) else one.cross_covariance()[0]
+        distance = float((ref.weight[g] - cand.weight[g]).pow(2).sum())
+        parts.append((error, distance, cov, original.covariance()[0], cross, rounding))
+    closest = (math.inf, 0.0)
+    for alpha in SHRINKAGE_GRID[:-1]:  # α = 1 is the data-free optimum, checked before
+        excess = scale = 0.0
+        for g, (error, distance, cov, orig_cov, cross, rounding) in enumerate(parts):
+            w_t = ref.weight[g].T
+            dim = cov.shape[0]
+            tau = float(torch.trace(cov)) / dim
+            anchor = alpha * tau + (RIDGE * tau if tau > 0 else 1.0)
+            c = (1 - alpha) * float(
+                torch.einsum("md,de,me->", ref.weight[g], orig_cov, ref.weight[g])
+            )
+            c += anchor * float(w_t.pow(2).sum())
+            eye = torch.eye(dim, dtype=cov.dtype)
+            factor, info = torch.linalg.cholesky_ex((1 - alpha) * cov + anchor * eye)
+            if int(info) != 0:
+                break
+            target = (1 - alpha) * (cross @ w_t) + anchor * w_t
+            z = torch.linalg.solve_triangular(factor, target, upper=False)
+            gram = z.T @ z if z.shape[1] <= z.shape[0] else z @ z.T
+            top = torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0)[:rank_g].clamp_min(0)
+            value = (1 - alpha) * error + anchor * distance
+            excess += value - (c - float(top.sum())) - SHRUNK_SLACK * c - rounding
+            scale += c
+        else:
+            relative = _relative(max(excess, 0.0), scale)
+            if excess <= 0:
+                what = "propagated " if isinstance(stats, PairedMoments) else ""
+                return True, f"the {what}optimum at shrinkage {alpha:g}", 0.0
+            closest = min(closest, (relative, alpha))
+    return False, f"closest: shrinkage {closest[1]:g}, {closest[0]:.3g} above", closest[0]
+
+
 def _output_energy(weight: torch.Tensor, bias: torch.Tensor, moments: InputMoments) -> float:
     """``Σ_n ‖W x_n + b‖²`` over the inputs summarised by ``moments``, per group, summed."""
     quadratic = torch.einsum("gmd,gde,gme->", weight, moments.xtx, weight)
@@ -446,9 +523,14 @@ def _reference_layer(reference: nn.Module, name: str) -> nn.Module | None:
 
 
 def _judge(
-    name: str, layer: nn.Module, reference: nn.Module, moments: dict[str, InputMoments] | None
+    name: str,
+    layer: nn.Module,
+    reference: nn.Module,
+    moments: dict[str, InputMoments] | None,
+    paired: dict[str, PairedMoments] | None = None,
 ) -> Verdict:
-    """One layer's verdict; ``moments`` is ``None`` without calibration."""
+    """One layer's verdict; ``moments`` is ``None`` without calibration; ``paired`` (the
+    candidate's inputs of its layers paired with the reference's) when already collected."""
     ref_layer = _reference_layer(reference, name)
     if ref_layer is layer:
         return Verdict(name, "shared", "the reference holds this very module")
@@ -476,8 +558,22 @@ def _judge(
     fits, cal_detail, cal_excess = _calibrated(ref, cand, rank, moments[name])
     if fits:
         return dataclasses.replace(verified, how="calibration", detail=cal_detail)
+    fits, shrunk_detail, shrunk_excess = _shrunk(ref, cand, rank, moments[name])
+    if fits:
+        return dataclasses.replace(verified, how="calibration", detail=shrunk_detail)
+    if paired is not None and name in paired:
+        fits, paired_detail, paired_excess = _shrunk(ref, cand, rank, paired[name])
+        if fits:
+            return dataclasses.replace(verified, how="propagated calibration", detail=paired_detail)
+        detail = (
+            f"neither the data-free optimum ({detail}), nor the calibrated one ({cal_detail}; "
+            f"shrunk: {shrunk_detail}), nor the error-propagating one ({paired_detail})"
+        )
+        return Verdict(name, "fault", detail, excess=min(excess, cal_excess, paired_excess))
     detail = f"neither the data-free optimum ({detail}) nor the calibrated one ({cal_detail})"
-    return Verdict(name, "fault", detail, excess=min(excess, cal_excess))
+    return Verdict(
+        name, "fault", detail, excess=min(excess, cal_excess, shrunk_excess), needs_pairs=True
+    )
 
 
 def _judge_tensorized(
@@ -585,9 +681,82 @@ def verify_layers(
     pending = [v.name for v in verdicts if v.needs_calibration]
     if calibration is None or not pending:
         return verdicts
-    moments = collect_moments(reference, pending, calibration, call or (lambda m, b: m(b)))
+    call = call or (lambda m, b: m(b))
+    moments = collect_moments(reference, pending, calibration, call)
     modules = dict(layers)
-    return [
+    verdicts = [
         _judge(v.name, modules[v.name], reference, moments) if v.name in pending else v
         for v in verdicts
     ]
+    retry = [v.name for v in verdicts if v.needs_pairs]
+    if not retry:
+        return verdicts
+    paired = collect_paired(reference, candidate, retry, calibration, call)
+    return [
+        _judge(v.name, modules[v.name], reference, moments, paired) if v.name in retry else v
+        for v in verdicts
+    ]
+
+
+def collect_paired(
+    reference: nn.Module,
+    candidate: nn.Module,
+    names: list[str],
+    batches: Iterable[Any],
+    call: Callable[[nn.Module, Any], Any],
+) -> dict[str, PairedMoments]:
+    """Per layer of ``names``: the inputs the *candidate* gives its layer (``x′``), paired call by
+    call with those the reference gives its own (``x``), over ``batches`` (each runs through both).
+
+    >>> model = nn.Sequential(nn.Linear(3, 2))
+    >>> m = collect_paired(model, model, ["0"], [torch.ones(4, 3)], lambda mod, x: mod(x))
+    >>> m["0"].count
+    4
+    """
+    paired: dict[str, PairedMoments] = {}
+    captured: dict[str, dict[str, list[torch.Tensor]]] = {"reference": {}, "candidate": {}}
+
+    def hook_for(side: str, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            if not bool(torch.isfinite(x).all()):
+                raise _NonFiniteInput(
+                    f"calibration gives NaN or Inf at the input of layer {name!r}"
+                )
+            captured[side].setdefault(name, []).append(x.detach().cpu())
+
+        return hook
+
+    handles = []
+    for side, model in (("reference", reference), ("candidate", candidate)):
+        for name in names:
+            module = model.get_submodule(name)
+            handles.append(module.register_forward_pre_hook(hook_for(side, name), with_kwargs=True))
+    try:
+        for index, batch in enumerate(batches):
+            for side in captured.values():
+                side.clear()
+            try:
+                call(reference, batch)
+                call(candidate, batch)
+            except _NonFiniteInput:
+                raise
+            except Exception as error:
+                raise CalibrationError(index, f"{type(error).__name__}: {error}") from error
+            for name in names:
+                ref = reference_affine(reference.get_submodule(name))
+                pairs = zip(
+                    captured["candidate"].get(name, []),
+                    captured["reference"].get(name, []),
+                    strict=False,
+                )
+                for x_prime, x in pairs:
+                    stats = paired.setdefault(
+                        name, PairedMoments.zeros(ref.weight.shape[2], ref.groups)
+                    )
+                    for rows, original in zip(_rows(ref, x_prime), _rows(ref, x), strict=True):
+                        stats.update(rows, original)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return paired

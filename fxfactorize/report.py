@@ -333,13 +333,18 @@ class Report(_LayerTable):
         super().__init__(layers, warnings)
         self.config = config
         self.seconds = seconds
+        #: how calibrated layers were solved: ``"propagate_error"`` (in graph order, on the
+        #: factorized model's inputs), ``"independent"``, or ``None`` (no calibration)
+        self.calibration: str | None = None
 
     def summary(self) -> str:
-        return f"{super().summary()}; took {self.seconds:.2f}s"
+        how = f"; calibration: {self.calibration}" if self.calibration else ""
+        return f"{super().summary()}{how}; took {self.seconds:.2f}s"
 
     def to_dict(self) -> dict[str, Any]:
-        """As :meth:`Plan.to_dict`, plus ``seconds`` (wall time of ``transform``)."""
-        return {**super().to_dict(), "seconds": self.seconds}
+        """As :meth:`Plan.to_dict`, plus ``seconds`` (wall time of ``transform``) and
+        ``calibration`` (see :attr:`calibration`)."""
+        return {**super().to_dict(), "seconds": self.seconds, "calibration": self.calibration}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
@@ -352,7 +357,9 @@ class Report(_LayerTable):
         (True, 128)
         """
         layers, config = _parse(data, "report")
-        return cls(layers, config, float(data.get("seconds", 0.0)), _warnings(data))
+        report = cls(layers, config, float(data.get("seconds", 0.0)), _warnings(data))
+        report.calibration = data.get("calibration")
+        return report
 
 
 def attach_report(model: Any, report: Report) -> None:
@@ -525,7 +532,7 @@ class PartialReport(Report):
         """Inverse of :meth:`to_dict`."""
         report = Report.from_dict(data)
         untraced = [UntracedModule(**module) for module in data.get("untraced", [])]
-        return cls(
+        partial = cls(
             report.layers,
             report.config,
             report.seconds,
@@ -533,6 +540,8 @@ class PartialReport(Report):
             untraced,
             report.warnings,
         )
+        partial.calibration = report.calibration
+        return partial
 
 
 __all__ += ["PartialPlan", "PartialReport", "UntracedModule"]  # issue 7: partial tracing

@@ -15,7 +15,7 @@ from torch import fx, nn
 
 import fxfactorize as ff
 from fxfactorize.errors import TraceError
-from fxfactorize.passes.pipeline import _Collecting
+from fxfactorize.passes.runner import StandIn
 
 WIDTH, HIDDEN, VOCAB, RANK = 64, 128, 50, 8
 
@@ -268,7 +268,7 @@ def test_calibrated_partial_transform_keeps_pooled_output_close():
         error = pooled_nmse(calibrated(**held_out)["pooled"], reference)
         baseline = pooled_nmse(data_free(**held_out)["pooled"], reference)
     assert error < 0.1 and error < baseline / 4
-    assert type(calibrated.layers[0]) is not _Collecting  # the stand-ins are gone
+    assert type(calibrated.layers[0]) is not StandIn  # the stand-ins are gone
 
 
 def test_optimizer_follows_a_partial_transform():

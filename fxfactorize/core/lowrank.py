@@ -199,7 +199,7 @@ def _per_group(
 ) -> torch.Tensor:
     if vector is None:
         return torch.zeros(groups, out_g, dtype=torch.float64, device=like.device)
-    return vector.to(torch.float64).reshape(groups, out_g)
+    return vector.detach().to(torch.float64).reshape(groups, out_g)
 
 
 def _energy(w: torch.Tensor, c: torch.Tensor, moments: InputMoments) -> float:
