@@ -147,6 +147,16 @@ def test_local_phase_alone_fits_each_layer_to_the_teachers(digits):
         assert last < 0.8 * first
 
 
+def test_a_worse_held_out_loss_is_a_warning_in_the_report():
+    teacher, student, data = _mlp_pair()
+    with pytest.warns(ff.FactorizeWarning, match="raised the held-out loss"):
+        report = ff.heal(
+            student, teacher, data[0][:2], steps=40, lr=0.3, eval_batches=data[1:], progress=False
+        )  # two rows and a large lr: overfits
+    assert report.eval_loss[1] > report.eval_loss[0]
+    assert "warning: healing raised the held-out loss" in str(report)
+
+
 def test_generator_batches_are_read_once_and_cycled():
     teacher, student, data = _mlp_pair()
     report = ff.heal(
@@ -308,6 +318,7 @@ def _leaf_loss(loss: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["dict", "tuple", "dataclass"])
 @pytest.mark.parametrize("loss", ["kl", "mse"])
+@pytest.mark.filterwarnings("ignore:healing raised the held-out loss")  # a random teacher
 def test_default_losses_match_the_leaves_of_structured_outputs(kind, loss):
     teacher, student, data = _structured_pair(kind)
     with torch.no_grad():  # both floating leaves count (logits and hidden), the integer one not
@@ -368,6 +379,18 @@ def test_the_cached_prefix_gives_the_loss_trajectory_of_a_full_run():
         assert (first, last) == pytest.approx(full.local_loss[f"inner.{name}"], rel=1e-6)
     for name, p in student.named_parameters():
         assert torch.allclose(p, plain_student.get_parameter(f"inner.{name}"), atol=1e-6)
+
+
+def test_a_data_loader_is_streamed_and_nothing_is_kept_per_batch():
+    teacher, student, data = _cnn_pair(batches=1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data[0]), batch_size=4)
+    calls = []
+    student.conv1.register_forward_hook(lambda *_: calls.append(1))
+    report = ff.heal(student, teacher, loader, steps=5, local_steps=2, lr=1e-2, progress=False)
+    assert len(report.history) == 3 and report.prefix_nodes == 6
+    assert len(calls) == 5  # a stream's batches may change between passes: nothing is kept
+    with pytest.raises(ValueError, match="batches is empty"):
+        ff.heal(student, teacher, torch.utils.data.DataLoader([]), steps=5, progress=False)
 
 
 def test_split_frozen_prefix_cuts_a_graph_and_keeps_its_function():

@@ -6,6 +6,8 @@ then end-to-end distillation, and returns a :class:`HealReport`. The parts:
 - :mod:`~fxfactorize.healing.losses`: the ``"kl"`` and ``"mse"`` losses over structured outputs;
 - :mod:`~fxfactorize.healing.local`: the layer-by-layer phase;
 - :mod:`~fxfactorize.healing.prefix`: the frozen prefix of a GraphModule, computed once per batch;
+- :mod:`~fxfactorize.healing.runs`: the batches, and the forward passes kept per batch;
+- :mod:`~fxfactorize.healing.report`: :class:`HealReport`;
 - :mod:`~fxfactorize.healing.distill`: :func:`heal` itself.
 
 >>> from fxfactorize.healing import heal, HealReport
@@ -13,6 +15,7 @@ then end-to-end distillation, and returns a :class:`HealReport`. The parts:
 ('heal', 'HealReport')
 """
 
-from fxfactorize.healing.distill import HealReport, heal
+from fxfactorize.healing.distill import heal
+from fxfactorize.healing.report import HealReport
 
 __all__ = ["HealReport", "heal"]

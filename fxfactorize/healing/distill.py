@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -15,11 +14,13 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fxfactorize.calling import call_model, check_example_inputs, evaluation_mode
+from fxfactorize.calling import call_model, evaluation_mode
+from fxfactorize.errors import FactorizeWarning
 from fxfactorize.healing.local import capture, factorized_layers, fit_layers, teacher_layers
 from fxfactorize.healing.losses import resolve_loss
-from fxfactorize.healing.prefix import FrozenSplit, split_frozen_prefix
-from fxfactorize.passes.calibrate import calibration_batches
+from fxfactorize.healing.prefix import split_frozen_prefix
+from fxfactorize.healing.report import HealReport
+from fxfactorize.healing.runs import Batches, Runs
 
 __all__ = ["HealReport", "heal"]
 
@@ -28,78 +29,6 @@ log = logging.getLogger("fxfactorize")
 TRAINABLE = ("factorized", "all")
 #: Most local steps taken when ``local_steps`` is not given (half of ``steps`` up to this).
 MAX_DEFAULT_LOCAL_STEPS = 50
-
-
-@dataclasses.dataclass
-class HealReport:
-    """What :func:`heal` did.
-
-    Attributes:
-        steps: all optimisation steps, local and end-to-end.
-        local_steps: steps of the local phase (the rest were end-to-end).
-        seconds: wall time of the whole call, evaluation included.
-        loss: ``(first, last)`` end-to-end loss on the training batches (``None`` without
-            end-to-end steps).
-        trainable_params: number of parameters optimised.
-        eval_loss: ``(before, after)`` mean loss on ``eval_batches`` (``None`` without them).
-        history: the end-to-end loss at every end-to-end step.
-        local_loss: per factorized layer, ``(first, last)`` normalized mse of the local phase.
-        objective: the loss's name (``"kl"``, ``"mse"`` or the callable's ``__name__``).
-        trainable: ``"factorized"`` or ``"all"``.
-        prefix_nodes: graph nodes that depend on no trainable parameter and were computed once
-            per batch instead of at every step (0: the whole student ran at every step).
-
-    >>> report = HealReport(10, 4, 0.5, (0.25, 0.125), 1000, eval_loss=(0.5, 0.25))
-    >>> report.end_to_end_steps
-    6
-    >>> print(report)  # doctest: +NORMALIZE_WHITESPACE
-    heal: 10 steps (4 local, 6 end-to-end) in 0.50 s; 1,000 trainable parameters (factorized); loss kl
-      end-to-end loss  0.25 → 0.125
-      held-out loss    0.5 → 0.25 (-50.0%)
-    """
-
-    steps: int
-    local_steps: int
-    seconds: float
-    loss: tuple[float, float] | None
-    trainable_params: int
-    eval_loss: tuple[float, float] | None = None
-    history: list[float] = dataclasses.field(default_factory=list)
-    local_loss: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
-    objective: str = "kl"
-    trainable: str = "factorized"
-    prefix_nodes: int = 0
-
-    @property
-    def end_to_end_steps(self) -> int:
-        """Steps of the end-to-end phase."""
-        return self.steps - self.local_steps
-
-    def __str__(self) -> str:
-        lines = [
-            f"heal: {self.steps} steps ({self.local_steps} local, {self.end_to_end_steps} "
-            f"end-to-end) in {self.seconds:.2f} s; {self.trainable_params:,} trainable "
-            f"parameters ({self.trainable}); loss {self.objective}"
-        ]
-        if self.local_loss:
-            first = sum(a for a, _ in self.local_loss.values()) / len(self.local_loss)
-            last = sum(b for _, b in self.local_loss.values()) / len(self.local_loss)
-            worst = max(self.local_loss, key=lambda name: self.local_loss[name][1])
-            lines.append(
-                f"  local nmse       {first:.4g} → {last:.4g} (mean of {len(self.local_loss)} "
-                f"layers; worst {worst}: {self.local_loss[worst][1]:.4g})"
-            )
-        if self.loss is not None:
-            lines.append(f"  end-to-end loss  {self.loss[0]:.4g} → {self.loss[1]:.4g}")
-        if self.eval_loss is not None:
-            before, after = self.eval_loss
-            change = f" ({(after - before) / before:+.1%})" if before > 0 else ""
-            lines.append(f"  held-out loss    {before:.4g} → {after:.4g}{change}")
-        if self.prefix_nodes:
-            lines.append(
-                f"  frozen prefix    {self.prefix_nodes} graph nodes computed once per batch"
-            )
-        return "\n".join(lines)
 
 
 def _check_arguments(
@@ -129,21 +58,6 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
-def _batch_list(batches: Any, name: str, limit: int | None = None) -> list[Any]:
-    if not isinstance(batches, (torch.Tensor, Mapping, Iterable)):
-        raise TypeError(
-            f"{name} must be a tensor (one batch) or an iterable of batches (each a tensor, a "
-            f"tuple of positional inputs or a dict of keyword inputs); got {type(batches).__name__}"
-        )
-    items = calibration_batches(batches)
-    items = list(items if limit is None else itertools.islice(items, limit))
-    if not items:
-        raise ValueError(f"{name} is empty: give at least one batch")
-    for index, batch in enumerate(items):
-        check_example_inputs(batch, f"{name}[{index}]")
-    return items
-
-
 def _trainable_parameters(
     student: nn.Module, layers: Mapping[str, nn.Module], trainable: str
 ) -> list[nn.Parameter]:
@@ -156,54 +70,6 @@ def _trainable_parameters(
     return list(found.values())
 
 
-class _Runs:
-    """Forward passes of both models per batch; the teacher's outputs and the student's frozen
-    frontier are kept per batch when ``keep`` (batches are revisited)."""
-
-    def __init__(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        batches: list[Any],
-        split: FrozenSplit | None,
-        keep: bool,
-    ) -> None:
-        self.student_model, self.teacher_model = student, teacher
-        self.batches, self.split, self.keep = batches, split, keep
-        self.teacher_layers: dict[str, nn.Module] = {}
-        self._frontier: dict[int, tuple[Any, ...]] = {}
-        self._teacher: dict[int, tuple[Any, dict[str, list[Any]]]] = {}
-
-    def student(self, index: int) -> Any:
-        """The student's output on batch ``index`` (with grad unless the caller turns it off)."""
-        batch = self.batches[index]
-        if self.split is None:
-            return call_model(self.student_model, batch)
-        frontier = self._frontier.get(index)
-        if frontier is None:
-            frontier = self.split.frontier(batch)
-            if self.keep:
-                self._frontier[index] = frontier
-        return self.split.run(frontier)
-
-    def teacher(self, index: int) -> tuple[Any, dict[str, list[Any]]]:
-        """The teacher's output on batch ``index`` and the outputs of ``teacher_layers``."""
-        found = self._teacher.get(index)
-        if found is not None and (found[1] or not self.teacher_layers):
-            return found
-        with torch.no_grad(), capture(self.teacher_layers, "outputs") as layers:
-            output = call_model(self.teacher_model, self.batches[index])
-        if self.keep:
-            self._teacher[index] = (output, layers)
-        return output, layers
-
-    def forget_layers(self) -> None:
-        """Stop capturing teacher layer outputs and drop those kept."""
-        self.teacher_layers = {}
-        for _, layers in self._teacher.values():
-            layers.clear()
-
-
 def _evaluate(
     student: nn.Module, teacher: nn.Module, batches: Iterable[Any], loss_fn: Callable
 ) -> float:
@@ -212,6 +78,8 @@ def _evaluate(
         for batch in batches:
             value = loss_fn(call_model(student, batch), call_model(teacher, batch))
             values.append(float(value))
+    if not values:
+        raise ValueError("eval_batches is empty: give at least one batch")
     return sum(values) / len(values)
 
 
@@ -268,7 +136,9 @@ def heal(
         teacher: the reference; never changed (run in eval mode under ``torch.no_grad``).
         batches: what ``transform(calibration=...)`` takes: a tensor (one batch) or an iterable
             whose items are each a tensor, a tuple of positional inputs or a dict of keyword
-            inputs. At most ``steps`` of them are read (a generator once).
+            inputs, taken in turn, one per step, and cycled. A list or tuple is indexed; a
+            generator is read once (at most ``steps`` items) into a list; another iterable (a
+            ``DataLoader``) is streamed and started again when it runs out.
         steps: optimisation steps in all (Adam).
         lr: Adam's learning rate.
         loss: ``"kl"`` (``KL(softmax(teacher) ‖ softmax(student))`` over the last dim of each
@@ -279,8 +149,8 @@ def heal(
         local_steps: steps of the local phase (at most ``steps``).
         trainable: ``"factorized"`` (the factorized layers' parameters) or ``"all"`` (every
             floating-point parameter of the student). Other parameters stay bitwise unchanged.
-        eval_batches: held-out batches (same forms as ``batches``); the report then gives the mean
-            ``loss`` on them before and after.
+        eval_batches: held-out batches (same forms as ``batches``, all of them used twice: before
+            and after); the report then gives the mean ``loss`` on them (no grad).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -288,12 +158,18 @@ def heal(
 
     The student runs in eval mode (no dropout, BatchNorm statistics unchanged) while its
     parameters train; every module's training flag and every parameter's ``requires_grad`` is
-    restored afterwards. If the student is a ``torch.fx.GraphModule``, the part of its graph that
-    depends on no trainable parameter (e.g. the layers before the first factorized one) is
-    computed once per batch, and when there are fewer batches than steps, its results and the
-    teacher's outputs are kept per batch (memory: one set of those per batch) instead of being
-    recomputed at each step; random operations there then draw once per batch. On an error,
-    including a NaN/Inf loss (``FloatingPointError``), the trained parameters are restored.
+    restored afterwards, and so are the trained parameters' ``.grad``.
+
+    The teacher is frozen, and so is the part of a ``torch.fx.GraphModule`` student's graph that
+    depends on no trainable parameter (with ``trainable="factorized"``, e.g. the layers before
+    the first factorized one): that part runs without autograd, and when a list of
+    fewer batches than ``steps`` is cycled, its results (the values where the trainable part
+    begins) and the teacher's outputs are computed once per batch and kept (memory: one set per
+    batch), so that each step runs only the trainable rest of the student. Random operations in
+    the frozen part then draw once per batch. Any other student runs whole at each step.
+
+    On an error, including a NaN/Inf loss (``FloatingPointError``), the trained parameters are
+    restored.
 
     >>> import torch, fxfactorize as ff
     >>> _ = torch.manual_seed(0)
@@ -331,21 +207,22 @@ def heal(
             "the teacher (transform(..., inplace=True) shares them; use a copy)"
         )
     targets = teacher_layers(layers, teacher) if local_steps else {}
-    train = _batch_list(batches, "batches", limit=max(steps, 1))
-    held_out = None if eval_batches is None else _batch_list(eval_batches, "eval_batches")
+    train = Batches(batches, "batches", limit=max(steps, 1), peek=True)
+    held_out = None if eval_batches is None else Batches(eval_batches, "eval_batches")
     split = None
     if isinstance(student, fx.GraphModule):
         split = split_frozen_prefix(student, trainable_ids)
-    runs = _Runs(student, teacher, train, split, keep=len(train) < steps)
-    runs.teacher_layers = dict(targets)
+    keep = train.indexed and len(train.items) < steps  # some batches are revisited
+    runs = Runs(student, teacher, split, keep, teacher_layers=targets)
     log.info(
-        "heal: %d local + %d end-to-end steps on %d batch(es), %d trainable parameters, "
-        "frozen prefix of %d graph node(s)",
+        "heal: %d local + %d end-to-end steps on %s batch(es), %d trainable parameters, "
+        "frozen prefix of %d graph node(s), results kept per batch: %s",
         local_steps,
         steps - local_steps,
-        len(train),
+        len(train.items) if train.indexed else "streamed",
         sum(p.numel() for p in params),
         0 if split is None else split.prefix_nodes,
+        keep,
     )
 
     flags = [(p, p.requires_grad) for p in student.parameters()]
@@ -367,9 +244,9 @@ def heal(
             before = None if held_out is None else _evaluate(student, teacher, held_out, loss_fn)
             for p in student.parameters():
                 p.requires_grad_(id(p) in trainable_ids)
-            _local_phase(runs, layers, local_steps, lr, report, bar)
+            _local_phase(runs, train, layers, local_steps, lr, report, bar)
             runs.forget_layers()
-            _end_to_end_phase(runs, params, local_steps, steps, lr, loss_fn, report, bar)
+            _end_to_end_phase(runs, train, params, local_steps, steps, lr, loss_fn, report, bar)
             if held_out is not None:
                 report.eval_loss = (before, _evaluate(student, teacher, held_out, loss_fn))
     except BaseException:
@@ -384,12 +261,20 @@ def heal(
         for p, grad in zip(params, grads, strict=True):
             p.grad = grad
     report.seconds = time.perf_counter() - started
+    if report.eval_loss is not None and report.eval_loss[1] > 1.01 * report.eval_loss[0]:
+        report.warnings.append(
+            f"healing raised the held-out loss ({report.eval_loss[0]:.4g} → "
+            f"{report.eval_loss[1]:.4g}); try a lower lr, fewer steps or more batches"
+        )
+    for text in report.warnings:
+        warnings.warn(text, FactorizeWarning, stacklevel=2)
     log.info("%s", report)
     return report
 
 
 def _local_phase(
-    runs: _Runs,
+    runs: Runs,
+    batches: Batches,
     layers: Mapping[str, nn.Module],
     local_steps: int,
     lr: float,
@@ -401,10 +286,10 @@ def _local_phase(
     params = {id(p): p for layer in layers.values() for p in layer.parameters()}
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
     for step in range(local_steps):
-        index = step % len(runs.batches)
-        _, targets = runs.teacher(index)
+        index, batch = batches.take(step)
+        _, targets = runs.teacher(index, batch)
         with torch.no_grad(), capture(layers, "inputs") as inputs:
-            runs.student(index)
+            runs.student(index, batch)
         optimizer.zero_grad(set_to_none=True)
         losses = fit_layers(layers, inputs, targets)
         mean = sum(losses.values()) / len(losses)
@@ -417,7 +302,8 @@ def _local_phase(
 
 
 def _end_to_end_phase(
-    runs: _Runs,
+    runs: Runs,
+    batches: Batches,
     params: list[nn.Parameter],
     first_step: int,
     steps: int,
@@ -430,9 +316,9 @@ def _end_to_end_phase(
         return
     optimizer = torch.optim.Adam(params, lr=lr)
     for step in range(first_step, steps):
-        index = step % len(runs.batches)
-        target, _ = runs.teacher(index)
-        value = _checked_loss(loss_fn(runs.student(index), target))
+        index, batch = batches.take(step)
+        target, _ = runs.teacher(index, batch)
+        value = _checked_loss(loss_fn(runs.student(index, batch), target))
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         number = float(value.detach())
