@@ -29,6 +29,7 @@ from fxfactorize.errors import (
     ShapePropagationError,
     TraceError,
 )
+from fxfactorize.healing import HealReport, heal
 from fxfactorize.modules import (
     FactorizedConv1d,
     FactorizedConv2d,
@@ -68,6 +69,7 @@ __all__ = [
     "FactorizedConv3d",
     "FactorizedLinear",
     "FactorizedPair",
+    "HealReport",
     "LayerRecord",
     "LoadError",
     "LowRankSolution",
@@ -79,6 +81,7 @@ __all__ = [
     "TraceError",
     "UntracedModule",
     "factorizing_could_speedup",
+    "heal",
     "load",
     "plan",
     "report_of",
