@@ -336,9 +336,13 @@ class Report(_LayerTable):
         #: how calibrated layers were solved: ``"propagate_error"`` (in graph order, on the
         #: factorized model's inputs), ``"independent"``, or ``None`` (no calibration)
         self.calibration: str | None = None
+        #: the :class:`~fxfactorize.healing.HealReport` of ``transform(..., heal=...)``
+        self.heal: Any = None
 
     def summary(self) -> str:
         how = f"; calibration: {self.calibration}" if self.calibration else ""
+        if self.heal is not None:
+            how += f"; healed {self.heal.steps} steps"
         return f"{super().summary()}{how}; took {self.seconds:.2f}s"
 
     def to_dict(self) -> dict[str, Any]:

@@ -339,3 +339,24 @@ def test_equivalence_check_verifies_every_calibration_mode_and_catches_a_nudge(
             nudged.get_submodule(name).module1.weight.mul_(1.01)
         with pytest.raises(ff.EquivalenceError, match=f"layer '{name}' is not the optimum"):
             ff.check_equivalence(model, nudged, batches[0], calibration=batches, max_examples=5)
+
+
+def test_transform_heal_shorthand_distils_on_the_calibration_batches():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    before = copy.deepcopy(model.state_dict())
+    batches = [torch.randn(128, 32) for _ in range(8)]
+    held_out = torch.randn(1000, 32)
+    options = dict(latent_features=3, shrinkage=0.0, **CONFIG)
+    plain = ff.transform(model, batches[0], calibration=batches, **options)
+    healed = ff.transform(
+        model, batches[0], calibration=batches, heal={"steps": 100, "lr": 1e-3, "loss": "mse"}, **options
+    )
+    report = ff.report_of(healed)
+    assert report.heal is not None and report.heal.steps == 100
+    assert report.heal.local_steps == 0  # the closed-form solve already fits each layer alone
+    assert "healed 100 steps" in report.summary()
+    assert _held_out_error(model, healed, held_out) < 0.93 * _held_out_error(model, plain, held_out)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # teacher kept
+    with pytest.raises(ValueError, match="heal= needs calibration"):
+        ff.transform(model, batches[0], heal=10, **options)
