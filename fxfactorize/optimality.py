@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxfactorize.core import linalg
 from fxfactorize.core.composer_api import accumulate_rows
 from fxfactorize.core.lowrank import RIDGE, error_energy
 from fxfactorize.core.moments import InputMoments, PairedMoments, Statistics
@@ -407,13 +408,13 @@ def _shrunk(ref: Affine, cand: Affine, rank_g: int, stats: Statistics) -> tuple[
             )
             c += anchor * float(w_t.pow(2).sum())
             eye = torch.eye(dim, dtype=cov.dtype)
-            factor, info = torch.linalg.cholesky_ex((1 - alpha) * cov + anchor * eye)
+            factor, info = linalg.cholesky_ex((1 - alpha) * cov + anchor * eye)
             if int(info) != 0:
                 break
             target = (1 - alpha) * (cross @ w_t) + anchor * w_t
             z = torch.linalg.solve_triangular(factor, target, upper=False)
             gram = z.T @ z if z.shape[1] <= z.shape[0] else z @ z.T
-            top = torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0)[:rank_g].clamp_min(0)
+            top = linalg.eigvalsh((gram + gram.T) / 2).flip(0)[:rank_g].clamp_min(0)
             value = (1 - alpha) * error + anchor * distance
             excess += value - (c - float(top.sum())) - SHRUNK_SLACK * c - rounding
             scale += c
@@ -442,10 +443,10 @@ def _whitened_eigenvalues(weight: torch.Tensor, cov: torch.Tensor) -> torch.Tens
     if weight.shape[0] <= dim:
         matrix = weight @ regular @ weight.T
     else:  # the D×D form C^½ WᵀW C^½ has the same nonzero eigenvalues
-        values, vectors = torch.linalg.eigh(regular)
+        values, vectors = linalg.eigh(regular)
         root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
         matrix = root @ weight.T @ weight @ root
-    return torch.linalg.eigvalsh((matrix + matrix.T) / 2).flip(0).clamp_min(0)
+    return linalg.eigvalsh((matrix + matrix.T) / 2).flip(0).clamp_min(0)
 
 
 def _tensor_view(weight: torch.Tensor, layer: TensorizedLinear) -> torch.Tensor:
@@ -682,6 +683,8 @@ def verify_layers(
     if calibration is None or not pending:
         return verdicts
     call = call or (lambda m, b: m(b))
+    if iter(calibration) is calibration:  # a one-shot iterator: the pairs need a second pass
+        calibration = list(calibration)
     moments = collect_moments(reference, pending, calibration, call)
     modules = dict(layers)
     verdicts = [

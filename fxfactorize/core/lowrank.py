@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from fxfactorize.core import linalg
 from fxfactorize.core.moments import InputMoments, PairedMoments, Statistics
 
 __all__ = [
@@ -83,7 +84,7 @@ def singular_values(matrix: torch.Tensor) -> torch.Tensor:
     [3.0, 1.0]
     """
     gram = matrix.T @ matrix if matrix.shape[0] > matrix.shape[1] else matrix @ matrix.T
-    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
+    return linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
 
 
 def balanced(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,14 +113,14 @@ def _whitener(cov: torch.Tensor, ridge: float) -> tuple[torch.Tensor, bool]:
     lam = ridge * trace / dim if trace > 0 and torch.isfinite(cov).all() else 1.0
     regularised = cov + lam * torch.eye(dim, dtype=cov.dtype, device=cov.device)
     for attempt in range(3):
-        factor, info = torch.linalg.cholesky_ex(regularised)
+        factor, info = linalg.cholesky_ex(regularised)
         if int(info) == 0:
             return factor, True
         regularised = regularised + (100.0**attempt) * lam * torch.eye(
             dim, dtype=cov.dtype, device=cov.device
         )
     log.warning("input covariance is not positive definite after regularisation; using eigh")
-    values, vectors = torch.linalg.eigh(regularised)
+    values, vectors = linalg.eigh(regularised)
     values = values.clamp_min(lam)
     return (vectors * values.sqrt()) @ vectors.T, False
 
@@ -183,7 +184,7 @@ def top_singular_pair(
     """
     tall = z.shape[0] > z.shape[1]
     gram = z.T @ z if tall else z @ z.T
-    values, vectors = torch.linalg.eigh(gram)  # ascending
+    values, vectors = linalg.eigh(gram)  # ascending
     values, vectors = values.flip(0), vectors.flip(1)
     s = values.clamp_min(0).sqrt()
     basis = vectors[:, :rank]

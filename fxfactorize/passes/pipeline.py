@@ -173,13 +173,7 @@ def run_pipeline(
             )
             moments = {target: sum_statistics(parts) for target, parts in folds.items()}
     records = solved_records(the_plan, solved, shared_with)
-    warnings = the_plan.warnings + calibration_warnings(moments, the_plan)
-    warnings += [
-        f"layer {target}: shrinkage could not be validated ({result.shrinkage_note}); "
-        "solved data-free"
-        for target, result in solved.items()
-        if result.shrinkage_note and target not in shared_with
-    ]
+    warnings = the_plan.warnings + _calibration_notes(moments, the_plan, solved, shared_with)
     replaced_layers = {layers[target][0]: result.module for target, result in solved.items()}
     return Outcome(
         the_plan,
@@ -189,6 +183,31 @@ def run_pipeline(
         _rewrite(model, regions, entries, solved),
         solved,
     )
+
+
+def _calibration_notes(
+    moments: dict[str, InputMoments] | None,
+    the_plan: Plan,
+    solved: dict[str, Solved],
+    shared_with: dict[str, str],
+) -> list[str]:
+    """The calibration warnings, each layer's shrinkage note added to its warning (one per layer)."""
+    notes = {
+        target: result.shrinkage_note
+        for target, result in solved.items()
+        if result.shrinkage_note and target not in shared_with
+    }
+    merged = []
+    for text in calibration_warnings(moments, the_plan):
+        target = next((t for t in notes if text.startswith(f"layer {t}:")), None)
+        if target is not None:
+            text += f"; shrinkage could not be validated ({notes.pop(target)}), so it was solved data-free"
+        merged.append(text)
+    merged += [
+        f"layer {target}: shrinkage could not be validated ({note}), so it was solved data-free"
+        for target, note in notes.items()
+    ]
+    return merged
 
 
 def _calibrated_plan(
