@@ -104,6 +104,7 @@ class Sizes:
 
 
 FULL = Sizes(32, 16, 32, 512, 512, 32)
+MEDIUM = Sizes(12, 6, 24, 256, 512, 32)  # what a 2-core CPU runs every mode of in under an hour
 QUICK = Sizes(2, 1, 8, 64, 64, 32)
 
 
@@ -631,6 +632,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "fxfactorize": ff.__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "quick": args.quick,
+        "medium": getattr(args, "medium", False),
         "heal_steps": args.heal_steps,
         "heal_lr": args.heal_lr,
     }
@@ -651,7 +653,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{env['date']}; machine {env['machine']} ({env['processor']}, {env['cpu_count']} "
             f"CPUs), {env['threads']} threads, torch {env['torch']}, python {env['python']}, "
             f"fxfactorize {env['fxfactorize']}; heal {env['heal_steps']} steps at lr "
-            f"{env['heal_lr']}{'; --quick' if env['quick'] else ''}\n"
+            f"{env['heal_lr']}{'; --quick' if env['quick'] else ''}"
+            f"{'; --medium' if env.get('medium') else ''}\n"
         )
         parts.extend(f"- {key}: {value}" for key, value in run["data"].items())
         parts.append("- phases (s): " + ", ".join(f"{k} {v}" for k, v in run["timings"].items()))
@@ -735,6 +738,11 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("effnet", "minilm", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="tiny data sets, for smoke tests")
+    parser.add_argument(
+        "--medium",
+        action="store_true",
+        help="fewer crops (12 per photo for calibration, 6 held out) and 256 calibration sentences",
+    )
     names = [s.name for s in SETTINGS]
     parser.add_argument(
         "--settings",
@@ -783,7 +791,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    sizes = QUICK if args.quick else FULL
+    sizes = QUICK if args.quick else MEDIUM if args.medium else FULL
     builders = {"effnet": efficientnet_task, "minilm": minilm_task}
     chosen = list(builders) if args.model == "all" else [args.model]
     runs = {}

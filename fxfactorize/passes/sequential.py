@@ -7,10 +7,16 @@ objective of AA-SVD / SAES-SVD, closed form from the paired sums of
 predecessors left instead of compounding it.
 
 Layers are grouped in *waves*: a layer's wave is one more than the latest wave among the planned
-layers it depends on (through the graph's data flow; regions, whose order in the model's code
-is unknown to the tracer, follow one another). A wave's layers do not feed each other, so they
-are calibrated together: per batch, the model runs once as it was and once with every layer of
-the earlier waves factorized, each run stopping as soon as the wave's layers have been reached.
+layers it depends on (through the graph's data flow; regions, whose order in the model's code is
+unknown to the tracer, follow one another). A wave's layers do not feed each other, so they are
+calibrated together.
+
+Each region's graph runs over every calibration batch on two sides, as it was and with the solved
+layers in place (:class:`_DualGraph`): it advances node by node to the inputs of the next wave,
+the wave is solved, and it goes on from there, so every node runs once per batch and side whatever
+the number of waves. The price is memory: the values alive at the current point of the graph are
+held for every batch, on both sides. A region's inputs come from running the model up to the
+region's call, as it was and with the earlier regions' solved layers in place.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from fxfactorize.calling import normalize_inputs
 from fxfactorize.core.moments import PairedMoments
 from fxfactorize.core.patches import conv_patch_rows
 from fxfactorize.layers import LayerShape, conv_arguments
 from fxfactorize.methods import Solved
-from fxfactorize.passes.calibrate import FOLDS, _NonFiniteInput, add_rows, run_calibration
+from fxfactorize.passes.calibrate import FOLDS, add_rows, run_calibration
 from fxfactorize.passes.plan import LayerEntry
 from fxfactorize.passes.regions import Region
 from fxfactorize.passes.rewrite import install
@@ -41,7 +48,7 @@ log = logging.getLogger("fxfactorize")
 
 
 class _WaveReached(Exception):
-    """Raised by a hook once every layer of the wave has seen its inputs: the rest of the
+    """Raised by a hook once a region has been called as often as expected: the rest of the
     forward pass is not needed."""
 
 
@@ -94,48 +101,173 @@ def _rows(module: nn.Module, layer: LayerShape, x: torch.Tensor) -> list[torch.T
     return list(conv_patch_rows(x, layer.kernel, **conv_arguments(module)))
 
 
-class _Capture:
-    """Forward pre-hooks that record the first argument of each module of ``modules``, call by
-    call, and count the calls of those of ``counted``; with ``expected`` (calls per captured
-    module) the forward pass stops once every captured module has been called that often."""
+class _Side(fx.Interpreter):
+    """One call of a region graph, run node by node on demand; layers in ``replaced`` (local
+    target → solved module) run as solved."""
 
-    def __init__(
-        self,
-        modules: dict[str, nn.Module],
-        expected: dict[str, int] | None,
-        counted: dict[str, nn.Module] | None = None,
-    ) -> None:
-        self.inputs: dict[str, list[torch.Tensor]] = {target: [] for target in modules}
-        self.calls: dict[str, int] = {}
+    def __init__(self, gm: fx.GraphModule, inputs: tuple, replaced: dict[str, nn.Module]) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.replaced = replaced
+        placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+        self.env = dict(zip(placeholders, inputs, strict=True))
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        module = self.replaced.get(target)
+        if module is not None:
+            return module(*args, **kwargs)
+        return super().call_module(target, args, kwargs)
+
+
+class _DualGraph:
+    """A region graph over every call of it in the calibration batches, as it was (``original``)
+    and with the solved layers in place (``compressed``), advanced node by node."""
+
+    def __init__(self, gm: fx.GraphModule, original: list[tuple], compressed: list[tuple]) -> None:
+        self.replaced: dict[str, nn.Module] = {}
+        self.original = [_Side(gm, inputs, {}) for inputs in original]
+        self.compressed = [_Side(gm, inputs, self.replaced) for inputs in compressed]
+        self.nodes = [node for node in gm.graph.nodes if node.op != "output"]
+        self.done = {node for node in self.nodes if node.op == "placeholder"}
+
+    def inputs_of(
+        self, targets: Iterable[str]
+    ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """``{target: [(x, x′) per call]}``: the first argument of each call of the layers
+        ``targets`` on both sides, every node they depend on run first."""
+        wanted = set(targets)
+        layers = [n for n in self.nodes if n.op == "call_module" and n.target in wanted]
+        needed: set[fx.Node] = set()
+        stack = [arg for node in layers for arg in node.all_input_nodes]
+        while stack:
+            node = stack.pop()
+            if node not in needed and node not in self.done:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+        for node in self.nodes:  # graph order is a topological order
+            if node in needed:
+                for side in (*self.original, *self.compressed):
+                    side.env[node] = side.run_node(node)
+                self.done.add(node)
+        found: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for node in layers:
+            source = node.args[0] if node.args else next(iter(node.kwargs.values()))
+            for before, after in zip(self.original, self.compressed, strict=True):
+                found.setdefault(node.target, []).append((before.env[source], after.env[source]))
+        self._free()
+        return found
+
+    def _free(self) -> None:
+        """Drop the values that no node still to run needs."""
+        if not self.original:
+            return
+        for node in list(self.original[0].env):
+            if node.users and all(user in self.done for user in node.users):
+                for side in (*self.original, *self.compressed):
+                    side.env.pop(node, None)
+
+
+def _copy(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+class _RegionCall:
+    """Forward pre-hook capturing the positional inputs of every call of a region graph (or a
+    bare layer), and stopping the model once it has been called ``expected`` times."""
+
+    def __init__(self, module: nn.Module, expected: int | None) -> None:
+        self.calls: list[tuple] = []
         self.expected = expected
-        watched = {**(counted or {}), **modules}
-        self._handles = [
-            module.register_forward_pre_hook(self._hook(target, target in modules))
-            for target, module in watched.items()
-        ]
+        self._handle = module.register_forward_pre_hook(self._hook)
 
-    def _hook(self, target: str, keep: bool) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            self.calls[target] = self.calls.get(target, 0) + 1
-            if keep and args and isinstance(args[0], torch.Tensor):
-                if not torch.isfinite(args[0]).all():
-                    raise _NonFiniteInput(target)
-                self.inputs[target].append(args[0].detach())
-            if self.expected is not None and all(
-                len(self.inputs[t]) >= n for t, n in self.expected.items()
-            ):
-                raise _WaveReached
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        self.calls.append(tuple(args))
+        if self.expected is not None and len(self.calls) >= self.expected:
+            raise _WaveReached
 
-        return hook
+    def remove(self) -> None:
+        self._handle.remove()
 
-    def run(self, run: Callable[[Any], Any], batch: Any) -> None:
+    def run(self, run: Callable[[Any], Any], batch: Any) -> list[tuple]:
         try:
             run(batch)
         except _WaveReached:
             pass
         finally:
-            for handle in self._handles:
-                handle.remove()
+            self.remove()
+        return self.calls
+
+
+def _watched(region: Region) -> nn.Module:
+    """The module whose calls feed ``region``'s graph: the graph itself, or a bare layer."""
+    return region.graph.get_submodule("layer") if region.layer else region.graph
+
+
+def _original_inputs(
+    regions: list[Region], run: Callable[[Any], Any], batches: Iterable[Any]
+) -> dict[str, list[list[tuple]]]:
+    """``{region name: [calls of each batch]}``: the inputs of every call of every region in the
+    model as it was, from one pass over ``batches``; the whole model is its own region."""
+    if regions[0].name == "":
+        gm = regions[0].graph
+        inputs: list[list[tuple]] = []
+        run_calibration(
+            batches,
+            lambda batch: inputs.append([normalize_inputs(gm, batch)]),
+            name_of=str,
+            progress=False,
+        )
+        return {"": inputs}
+    found: dict[str, list[list[tuple]]] = {region.name: [] for region in regions}
+
+    def run_batch(batch: Any) -> None:
+        hooks = {region.name: _RegionCall(_watched(region), None) for region in regions}
+        try:
+            run(batch)
+        finally:
+            for hook in hooks.values():
+                hook.remove()
+        for name, hook in hooks.items():
+            found[name].append(hook.calls)
+
+    run_calibration(batches, run_batch, name_of=str, progress=False)
+    return found
+
+
+def _compressed_inputs(
+    region: Region,
+    original: list[list[tuple]],
+    root: nn.Module,
+    run: Callable[[Any], Any],
+    solved: dict[nn.Module, nn.Module],
+    batches: Iterable[Any],
+) -> list[tuple]:
+    """The inputs of every call of ``region`` with the ``solved`` layers in place, each batch's
+    run stopped at the region's last call (as many as in the original model)."""
+    if region.name == "":  # the batches themselves; copies, so in-place ops stay on one side
+        return [tuple(_copy(value) for value in calls[0]) for calls in original]
+    compressed: list[tuple] = []
+    index = -1
+
+    def run_batch(batch: Any) -> None:
+        nonlocal index
+        index += 1
+        expected = len(original[index])
+        if expected == 0:
+            return
+        calls = _RegionCall(_watched(region), expected).run(run, batch)
+        if len(calls) != expected:
+            raise ValueError(
+                f"region {region.name} is called {expected} time(s) in the original model and "
+                f"{len(calls)} in the factorized one"
+            )
+        compressed.extend(calls)
+
+    undo = install(root, solved)
+    try:
+        run_calibration(batches, run_batch, name_of=str, progress=False)
+    finally:
+        undo()
+    return compressed
 
 
 def solve_sequentially(
@@ -167,19 +299,37 @@ def solve_sequentially(
     solved: dict[str, Solved] = {}
     statistics: dict[str, PairedMoments] = {}
     replaced: dict[nn.Module, nn.Module] = {}
-    calls: dict[int, dict[str, int]] = {}  # per batch: how often each planned layer is called
     bar = tqdm(total=len(records), desc="calibrate+solve", unit="layer", disable=not progress)
-    with running(model, regions) as (root, run), bar:
-        for wave in waves:
-            folds = _paired_folds(wave, records, by_target, run, root, replaced, batches, calls)
-            for target in wave:
-                entry = by_target[target]
-                solved[target] = solve_layer(
-                    records[target], entry.site.module, entry.site.layer, folds[target], shrinkage
-                )
-                statistics[target] = folds[target][0] + folds[target][1]
-                replaced[entry.site.module] = solved[target].module
-                bar.update()
+    with torch.no_grad(), running(model, regions) as (root, run), bar:
+        originals = _original_inputs(regions, run, batches)
+        for region in regions:
+            local = {
+                target: by_target[target].local
+                for target in records
+                if region.qualify(by_target[target].local) == target
+            }
+            if not local:
+                continue
+            original = originals[region.name]
+            compressed = _compressed_inputs(region, original, root, run, replaced, batches)
+            graph = _DualGraph(
+                region.graph, [call for calls in original for call in calls], compressed
+            )
+            for wave in waves:
+                wave = [target for target in wave if target in local]
+                if not wave:
+                    continue
+                pairs = graph.inputs_of(local[target] for target in wave)
+                for target in wave:
+                    entry = by_target[target]
+                    folds = _paired_folds(target, entry, pairs.get(local[target], []))
+                    solved[target] = solve_layer(
+                        records[target], entry.site.module, entry.site.layer, folds, shrinkage
+                    )
+                    statistics[target] = folds[0] + folds[1]
+                    replaced[entry.site.module] = solved[target].module
+                    graph.replaced[local[target]] = solved[target].module
+                    bar.update()
     for target, first in shared_with.items():
         solved[target] = solved[first]
     log.debug("propagate_error: %d layer(s) solved in %d wave(s)", len(records), len(waves))
@@ -187,77 +337,27 @@ def solve_sequentially(
 
 
 def _paired_folds(
-    wave: list[str],
-    planned: Iterable[str],
-    by_target: dict[str, LayerEntry],
-    run: Callable[[Any], Any],
-    root: nn.Module,
-    replaced: dict[nn.Module, nn.Module],
-    batches: Iterable[Any],
-    calls: dict[int, dict[str, int]],
-) -> dict[str, list[PairedMoments]]:
-    """The wave's paired statistics in :data:`FOLDS` folds: each batch runs through the model as
-    it was (``x``) and with the ``replaced`` layers in place (``x′``). The first pass over a
-    batch counts the calls of every ``planned`` layer, so later passes stop early."""
-    modules = {target: by_target[target].site.module for target in wave}
-    census = {target: by_target[target].site.module for target in planned}
-    folds: dict[str, list[PairedMoments]] = {}
-    seen: dict[str, int] = dict.fromkeys(wave, 0)
-    index = -1
-
-    def run_batch(batch: Any) -> None:
-        nonlocal index
-        index += 1
-        counts = calls.get(index)
-        expected = None if counts is None else {t: counts.get(t, 0) for t in wave}
-        original = _Capture(modules, expected, counted=census if counts is None else None)
-        original.run(run, batch)
-        if counts is None:
-            calls[index] = original.calls
-            expected = {t: len(original.inputs[t]) for t in wave}
-        undo = install(root, replaced)
-        try:
-            compressed = _Capture(modules, expected)
-            compressed.run(run, batch)
-        finally:
-            undo()
-        for target in wave:
-            _accumulate(target, by_target[target], original, compressed, folds, seen)
-
-    run_calibration(
-        batches,
-        run_batch,
-        name_of=lambda target: f"graph node {by_target[target].node!r} ({target})",
-        progress=False,
-    )
-    missing = [target for target in wave if target not in folds]
-    if missing:
-        raise ValueError(f"no calibration batch reaches layer(s) {missing}")
-    return folds
-
-
-def _accumulate(
-    target: str,
-    entry: LayerEntry,
-    original: _Capture,
-    compressed: _Capture,
-    folds: dict[str, list[PairedMoments]],
-    seen: dict[str, int],
-) -> None:
+    target: str, entry: LayerEntry, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[PairedMoments]:
+    """The paired statistics of one layer, in :data:`FOLDS` folds (see
+    :func:`~fxfactorize.passes.calibrate.add_rows`)."""
     module, layer = entry.site.module, entry.site.layer
-    for x, x_prime in zip(original.inputs[target], compressed.inputs[target], strict=False):
+    if not pairs:
+        raise ValueError(f"no calibration batch reaches layer {target}")
+    device = pairs[0][0].device
+    folds = [PairedMoments.zeros(layer.fan_in, layer.groups, device=device) for _ in range(FOLDS)]
+    for call, (x, x_prime) in enumerate(pairs):
+        if not torch.isfinite(x_prime).all():
+            raise ValueError(
+                f"the factorized model gives NaN or Inf at the input of layer {target} "
+                f"(graph node {entry.node!r})"
+            )
         if x.shape != x_prime.shape:
             raise ValueError(
                 f"layer {target} receives inputs of shape {tuple(x_prime.shape)} in the "
                 f"factorized model but {tuple(x.shape)} in the original"
             )
-        if target not in folds:
-            folds[target] = [
-                PairedMoments.zeros(layer.fan_in, layer.groups, device=x.device)
-                for _ in range(FOLDS)
-            ]
-        for rows, original_rows in zip(
-            _rows(module, layer, x_prime), _rows(module, layer, x), strict=True
-        ):
-            add_rows(folds[target], rows, original_rows, call=seen[target])
-        seen[target] += 1
+        rows = zip(_rows(module, layer, x_prime), _rows(module, layer, x), strict=True)
+        for inputs, original_rows in rows:
+            add_rows(folds, inputs, original_rows, call=call)
+    return folds
