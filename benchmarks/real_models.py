@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import datetime
 import io
+import itertools
 import json
 import logging
 import os
@@ -137,6 +138,7 @@ class Mode:
 
 
 _FULL_FLAGS = {"propagate_error": True, "sensitivity": True, "shrinkage": "auto"}
+_DEFAULT_FLAGS = {"propagate_error": False, "sensitivity": True, "shrinkage": "auto"}
 MODES = (
     Mode("data-free", {}, calibrated=False),
     Mode("independent", dict(NEUTRAL_FLAGS)),
@@ -144,6 +146,9 @@ MODES = (
     Mode("+ sensitivity", {**NEUTRAL_FLAGS, "propagate_error": True, "sensitivity": True}),
     Mode("+ shrinkage", dict(_FULL_FLAGS)),
     Mode("+ healing", dict(_FULL_FLAGS), heal=True),
+    # the library's defaults: error propagation off (it lost on EfficientNet, see the README)
+    Mode("independent + sensitivity + shrinkage", dict(_DEFAULT_FLAGS)),
+    Mode("defaults + healing", dict(_DEFAULT_FLAGS), heal=True),
 )
 NOT_AVAILABLE = "n/a (not available)"
 
@@ -560,7 +565,12 @@ def summary(row: dict[str, Any]) -> str:
     )
 
 
-def run_task(task: Task, args: argparse.Namespace, timings: dict[str, float]) -> list[dict]:
+def run_task(
+    task: Task,
+    args: argparse.Namespace,
+    timings: dict[str, float],
+    checkpoint: Callable[[list[dict]], None] = lambda rows: None,
+) -> list[dict]:
     with phase(timings, f"{task.name}: reference outputs"):
         references = {name: outputs(task.model, b) for name, b in task.heldout.items()}
     settings = [s for s in SETTINGS if s.name in args.settings]
@@ -570,6 +580,7 @@ def run_task(task: Task, args: argparse.Namespace, timings: dict[str, float]) ->
         for setting in settings:
             for mode in modes:
                 rows.append(run_row(task, setting, mode, references, args))
+                checkpoint(rows)  # a long run keeps what it measured if it is stopped
     return rows
 
 
@@ -639,9 +650,21 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def merged(path: Path, runs: dict[str, Any]) -> dict[str, Any]:
-    """The results file's runs with this run's models replaced (so one model can be rerun)."""
+    """The results file's runs updated with this run's: per model, rows of the same setting and
+    mode are replaced, others kept (so one setting or mode can be rerun alone); the model's
+    environment, data and timings are this run's."""
     previous = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
-    return {"runs": {**previous, **runs}}
+    combined = dict(previous)
+    for name, run in runs.items():
+        old = previous.get(name, {}).get("rows", [])
+        new_keys = {(row["setting"], row["mode"]) for row in run["rows"]}
+        kept = [row for row in old if (row["setting"], row["mode"]) not in new_keys]
+        order = {(s.name, m.name): i for i, (s, m) in enumerate(itertools.product(SETTINGS, MODES))}
+        rows = sorted(
+            kept + run["rows"], key=lambda row: order.get((row["setting"], row["mode"]), 0)
+        )
+        combined[name] = {**run, "rows": rows}
+    return {"runs": combined}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -798,15 +821,21 @@ def main(argv: list[str] | None = None) -> None:
     for name in chosen:
         timings: dict[str, float] = {}
         task = builders[name](sizes, timings)
-        rows = run_task(task, args, timings)
+
+        def checkpoint(
+            rows: list[dict], name: str = name, task: Task = task, timings: dict = timings
+        ) -> None:
+            runs[name] = {
+                "environment": environment(args),
+                "data": task.description,
+                "timings": timings,
+                "rows": list(rows),
+            }
+            write(runs, args.out or default)
+
+        rows = run_task(task, args, timings, checkpoint)
         print(f"\n## {name}\n\n{table(rows)}\n", flush=True)
-        runs[name] = {
-            "environment": environment(args),
-            "data": task.description,
-            "timings": timings,
-            "rows": rows,
-        }
-    write(runs, args.out or default)
+        checkpoint(rows)
     failed = [r for run in runs.values() for r in run["rows"] if r["status"].startswith("error")]
     if failed:
         raise SystemExit(f"{len(failed)} row(s) failed: see the log")

@@ -114,9 +114,10 @@ class FactorizeConfig:
     on_untraceable: str = "descend"
     leaf_modules: tuple = ()
     functional: bool = True
-    propagate_error: bool = True
-    sensitivity: bool = True
-    shrinkage: str | float = "auto"
+    # off by default: on the real-model benchmark each lost somewhere (README, "Keeping the function")
+    propagate_error: bool = False
+    sensitivity: bool = False
+    shrinkage: str | float = 0.0
 
     def __post_init__(self) -> None:
         for name in (

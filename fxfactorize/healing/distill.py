@@ -146,7 +146,9 @@ def heal(
             teacher's leaf, summed over leaves), or a callable ``loss(student_output,
             teacher_output)`` given the raw outputs (tensors, tuples, dicts, dataclasses, ...)
             that returns a scalar tensor. Leaves are matched by position in the output structure.
-        local_steps: steps of the local phase (at most ``steps``).
+        local_steps: steps of the local phase (at most ``steps``). When not given and a
+            factorized layer has no teacher module of its name (made from a functional call),
+            the local phase is skipped with a logged warning.
         trainable: ``"factorized"`` (the factorized layers' parameters) or ``"all"`` (every
             floating-point parameter of the student). Other parameters stay bitwise unchanged.
         eval_batches: held-out batches (same forms as ``batches``, all of them used twice: before
@@ -193,6 +195,7 @@ def heal(
             "so trainable='factorized' has nothing to train; factorize it first or pass "
             "trainable='all'"
         )
+    chosen = local_steps is None
     if local_steps is None:
         local_steps = min(steps // 2, MAX_DEFAULT_LOCAL_STEPS) if layers else 0
     elif local_steps > 0 and not layers:
@@ -206,7 +209,14 @@ def heal(
             f"student parameters {shared[:5]} are also the teacher's: training them would change "
             "the teacher (transform(..., inplace=True) shares them; use a copy)"
         )
-    targets = teacher_layers(layers, teacher) if local_steps else {}
+    try:
+        targets = teacher_layers(layers, teacher) if local_steps else {}
+    except ValueError as error:
+        if not chosen:
+            raise
+        # a layer made from a functional call has no teacher module: heal end to end only
+        log.warning("healing end to end only: %s", error)
+        local_steps, targets = 0, {}
     train = Batches(batches, "batches", limit=max(steps, 1), peek=True)
     held_out = None if eval_batches is None else Batches(eval_batches, "eval_batches")
     split = None

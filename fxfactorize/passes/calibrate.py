@@ -28,6 +28,7 @@ __all__ = [
     "FOLDS",
     "MomentCollector",
     "add_rows",
+    "layer_rows",
     "calibrate",
     "calibration_batches",
     "calibration_warnings",
@@ -50,27 +51,48 @@ FOLDS = 2
 
 
 def add_rows(
-    folds: list, rows: torch.Tensor, original_rows: torch.Tensor | None = None, call: int = 0
+    folds: list,
+    x: torch.Tensor,
+    rows_of: Callable[[torch.Tensor], Iterable[torch.Tensor]],
+    original: torch.Tensor | None = None,
+    call: int = 0,
 ) -> None:
-    """Add ``rows`` (paired with ``original_rows`` when given) to two folds of statistics: the
-    first half of the rows to fold ``call % 2``, the rest to the other one. Rows come sample by
-    sample, so each fold holds other samples of every batch.
+    """Add a layer's input ``x`` (paired with ``original`` when given) to two folds of statistics:
+    the first half of its samples (the leading axis) to fold ``call % 2``, the rest to the other
+    one; ``rows_of`` turns a tensor into the layer's input rows. Folds split samples, never the
+    rows of one sample: the two halves of an image are not two draws of the same distribution.
 
     >>> folds = [InputMoments.zeros(2), InputMoments.zeros(2)]
-    >>> add_rows(folds, torch.ones(5, 2), call=1)
+    >>> add_rows(folds, torch.ones(5, 2), lambda t: [t], call=1)
     >>> [fold.count for fold in folds]
     [2, 3]
     """
-    half = (rows.shape[0] + 1) // 2
-    parts = [(0, half), (half, rows.shape[0])]
+    samples = x.shape[0] if x.dim() > 1 else 1
+    half = (samples + 1) // 2
+    parts = [(0, half), (half, samples)] if samples > 1 else [(0, samples)]
     for index, (start, stop) in enumerate(parts):
         if stop <= start:
             continue
         fold = folds[(call + index) % len(folds)]
-        if original_rows is None:
-            accumulate_rows(fold, rows[start:stop])
-        else:
-            fold.update(rows[start:stop], original_rows[start:stop])
+        part = x[start:stop] if samples > 1 else x
+        if original is None:
+            for rows in rows_of(part):
+                accumulate_rows(fold, rows)
+            continue
+        paired = original[start:stop] if samples > 1 else original
+        for rows, original_rows in zip(rows_of(part), rows_of(paired), strict=True):
+            fold.update(rows, original_rows)
+
+
+def layer_rows(
+    module: nn.Module, layer: LayerShape
+) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """The function from a layer's input to its input rows (Linear: the last axis; Conv: the
+    patches under the kernel, a few images at a time)."""
+    if layer.kind == "linear":
+        return lambda x: [x.reshape(-1, layer.in_features)]
+    arguments = conv_arguments(module)
+    return lambda x: list(conv_patch_rows(x, layer.kernel, **arguments))
 
 
 class MomentCollector(fx.Interpreter):
@@ -106,10 +128,6 @@ class MomentCollector(fx.Interpreter):
     def _add(self, target: str, module: nn.Module, layer: LayerShape, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
             raise _NonFiniteInput(self._qualify(target))
-        if layer.kind == "linear":
-            chunks = [x.reshape(-1, layer.in_features)]
-        else:
-            chunks = conv_patch_rows(x, layer.kernel, **conv_arguments(module))
         if target not in self.folds:
             self.folds[target] = [
                 InputMoments.zeros(layer.fan_in, layer.groups, device=x.device)
@@ -117,8 +135,7 @@ class MomentCollector(fx.Interpreter):
             ]
         call = self._calls.get(target, 0)
         self._calls[target] = call + 1
-        for rows in chunks:
-            add_rows(self.folds[target], rows, call=call)
+        add_rows(self.folds[target], x, layer_rows(module, layer), call=call)
 
     @property
     def moments(self) -> dict[str, InputMoments]:

@@ -31,10 +31,8 @@ from tqdm.auto import tqdm
 
 from fxfactorize.calling import normalize_inputs
 from fxfactorize.core.moments import PairedMoments
-from fxfactorize.core.patches import conv_patch_rows
-from fxfactorize.layers import LayerShape, conv_arguments
 from fxfactorize.methods import Solved
-from fxfactorize.passes.calibrate import FOLDS, add_rows, run_calibration
+from fxfactorize.passes.calibrate import FOLDS, add_rows, layer_rows, run_calibration
 from fxfactorize.passes.plan import LayerEntry
 from fxfactorize.passes.regions import Region
 from fxfactorize.passes.rewrite import install
@@ -93,12 +91,6 @@ def layer_waves(
     for target, wave in wave_of.items():
         waves.setdefault(wave, []).append(target)
     return [sorted(waves[wave]) for wave in sorted(waves)]
-
-
-def _rows(module: nn.Module, layer: LayerShape, x: torch.Tensor) -> list[torch.Tensor]:
-    if layer.kind == "linear":
-        return [x.reshape(-1, layer.in_features)]
-    return list(conv_patch_rows(x, layer.kernel, **conv_arguments(module)))
 
 
 class _Side(fx.Interpreter):
@@ -357,7 +349,5 @@ def _paired_folds(
                 f"layer {target} receives inputs of shape {tuple(x_prime.shape)} in the "
                 f"factorized model but {tuple(x.shape)} in the original"
             )
-        rows = zip(_rows(module, layer, x_prime), _rows(module, layer, x), strict=True)
-        for inputs, original_rows in rows:
-            add_rows(folds, inputs, original_rows, call=call)
+        add_rows(folds, x_prime, layer_rows(module, layer), x, call=call)
     return folds
