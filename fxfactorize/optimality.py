@@ -711,10 +711,12 @@ def collect_paired(
     """Per layer of ``names``: the inputs the *candidate* gives its layer (``x′``), paired call by
     call with those the reference gives its own (``x``), over ``batches`` (each runs through both).
 
-    >>> model = nn.Sequential(nn.Linear(3, 2))
-    >>> m = collect_paired(model, model, ["0"], [torch.ones(4, 3)], lambda mod, x: mod(x))
-    >>> m["0"].count
-    4
+    >>> import copy
+    >>> reference = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
+    >>> candidate = copy.deepcopy(reference)
+    >>> m = collect_paired(reference, candidate, ["2"], [torch.ones(4, 3)], lambda mod, x: mod(x))
+    >>> m["2"].count, bool(torch.equal(m["2"].cross, m["2"].inputs.xtx))
+    (4, True)
     """
     paired: dict[str, PairedMoments] = {}
     captured: dict[str, dict[str, list[torch.Tensor]]] = {"reference": {}, "candidate": {}}

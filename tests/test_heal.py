@@ -478,9 +478,12 @@ def test_the_local_phase_names_a_layer_the_teacher_lacks_or_shapes_differently()
     with pytest.raises(ValueError, match="student layer '2' is a linear 32→32 but the teacher's"):
         ff.heal(student, narrower, data, steps=4, progress=False)
     with pytest.raises(ValueError, match="student layer '2' has no counterpart"):
-        ff.heal(student, nn.Sequential(teacher[0]), data, steps=4, progress=False)
+        ff.heal(student, nn.Sequential(teacher[0]), data, steps=4, local_steps=2, progress=False)
     # pairing by name is the local phase's alone: without it, any teacher of the same function
     with pytest.raises(ValueError, match="student layer '0' has no counterpart"):
-        ff.heal(student, Wrapper(teacher), data, steps=4, progress=False)
+        ff.heal(student, Wrapper(teacher), data, steps=4, local_steps=2, progress=False)
     report = ff.heal(student, Wrapper(teacher), data, steps=4, local_steps=0, progress=False)
+    assert report.local_steps == 0 and len(report.history) == 4
+    # not asked for: a student layer without a teacher module of its name heals end to end only
+    report = ff.heal(student, Wrapper(teacher), data, steps=4, progress=False)
     assert report.local_steps == 0 and len(report.history) == 4
