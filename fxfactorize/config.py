@@ -114,9 +114,9 @@ class FactorizeConfig:
     on_untraceable: str = "descend"
     leaf_modules: tuple = ()
     functional: bool = True
-    # off by default: on the real-model benchmark each lost somewhere (README, "Keeping the function")
+    # chosen on the real-model benchmark (README, "Keeping the function")
     propagate_error: bool = False
-    sensitivity: bool = False
+    sensitivity: bool = True
     shrinkage: str | float = 0.0
 
     def __post_init__(self) -> None:
