@@ -385,14 +385,13 @@ def _shrunk(ref: Affine, cand: Affine, rank_g: int, stats: Statistics) -> tuple[
     parts = []  # per group: (error, distance, cov, original cov, cross, rounding)
     for g in range(ref.groups):
         one = _group(stats, g)
-        inputs = one if isinstance(one, InputMoments) else one.inputs
-        original = one if isinstance(one, InputMoments) else one.original
+        inputs, original = one.inputs, one.original
         weight, bias = ref.weight[g : g + 1], ref.bias[g]
         error = error_energy(weight, bias, cand.weight[g : g + 1], cand.bias[g], one)
         rounding = (CALIBRATED_ROUNDING * eps) ** 2 * max(rank_g, 1)
         rounding *= _output_energy(weight, ref.bias[g : g + 1], original)
         cov = inputs.covariance()[0]
-        cross = cov if isinstance(one, InputMoments) else one.cross_covariance()[0]
+        cross = one.cross_covariance()[0]
         distance = float((ref.weight[g] - cand.weight[g]).pow(2).sum())
         parts.append((error, distance, cov, original.covariance()[0], cross, rounding))
     closest = (math.inf, 0.0)

@@ -267,7 +267,7 @@ def output_nmse(
     groups, out_g, _ = weight.shape
     w = weight.detach().to(torch.float64)
     b = _per_group(bias, groups, out_g, w)
-    original = moments if isinstance(moments, InputMoments) else moments.original
+    original = moments.original
     squared_error = error_energy(weight, bias, approx_weight, approx_bias, moments)
     n = original.count
     total = n * groups * out_g
@@ -289,8 +289,7 @@ def shrunk_problem(
     ``(1 − α) T + α τ Wᵀ`` with ``τ = tr(C′)/D``: at ``α = 1`` the objective is ``τ‖M − Wᵀ‖²``,
     the data-free one. Returns ``(cov, cross)``; ``cross`` is ``None`` when it is ``cov @ Wᵀ``.
     """
-    inputs = moments if isinstance(moments, InputMoments) else moments.inputs
-    cov = inputs.covariance()[group]
+    cov = moments.inputs.covariance()[group]
     cross = None
     if isinstance(moments, PairedMoments):
         cross = moments.cross_covariance()[group] @ weight_t
@@ -378,11 +377,9 @@ def refit_bias(
     >>> refit_bias(torch.ones(1, 1, 1), None, torch.zeros(1, 1, 1), m).tolist()
     [3.0]
     """
-    inputs = moments if isinstance(moments, InputMoments) else moments.inputs
-    original = moments if isinstance(moments, InputMoments) else moments.original
     weight, approx = weight.to(torch.float64), approx.to(torch.float64)
-    shift = torch.einsum("gmd,gd->gm", weight, original.mean())
-    shift = (shift - torch.einsum("gmd,gd->gm", approx, inputs.mean())).reshape(-1)
+    shift = torch.einsum("gmd,gd->gm", weight, moments.original.mean())
+    shift = (shift - torch.einsum("gmd,gd->gm", approx, moments.inputs.mean())).reshape(-1)
     return shift if bias is None else bias.to(torch.float64) + shift
 
 

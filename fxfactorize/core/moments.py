@@ -61,6 +61,25 @@ class InputMoments:
             )
         return InputMoments(self.xtx + other.xtx, self.xsum + other.xsum, self.count + other.count)
 
+    # Unpaired statistics are a pair whose two sides coincide (x′ = x, see PairedMoments), so code
+    # that reads ``inputs``, ``original`` and ``cross_covariance()`` serves both kinds.
+    @property
+    def inputs(self) -> InputMoments:
+        return self
+
+    @property
+    def original(self) -> InputMoments:
+        return self
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """``Σ x xᵀ``: the paired ``Σ x′ xᵀ`` when the two sides coincide."""
+        return self.xtx
+
+    def cross_covariance(self) -> torch.Tensor:
+        """``Σ (x − μ)(x − μ)ᵀ``: the covariance, as for a pair whose two sides coincide."""
+        return self.covariance()
+
     def mean(self) -> torch.Tensor:
         """Mean input per group, ``[groups, D]``."""
         return self.xsum / max(self.count, 1)

@@ -23,7 +23,7 @@ from fxfactorize.core.lowrank import (
     top_singular_pair,
     truncated_svd,
 )
-from fxfactorize.core.moments import InputMoments, Statistics
+from fxfactorize.core.moments import Statistics
 
 __all__ = ["SHRINKAGE_GRID", "ShrinkageChoice", "choose_shrinkage", "sum_statistics"]
 
@@ -44,6 +44,7 @@ class ShrinkageChoice:
 def sum_statistics(parts: Sequence[Statistics]) -> Statistics:
     """The statistics of all rows of ``parts`` (they add up).
 
+    >>> from fxfactorize.core.moments import InputMoments
     >>> a, b = InputMoments.zeros(2), InputMoments.zeros(2)
     >>> a.update(torch.ones(3, 2)); b.update(torch.ones(4, 2))
     >>> sum_statistics([a, b]).count
@@ -68,6 +69,7 @@ def choose_shrinkage(
     With fewer than two folds holding at least two rows each, or inputs that do not vary, nothing
     can be validated and the answer is ``α = 1`` (data-free) with the reason.
 
+    >>> from fxfactorize.core.moments import InputMoments
     >>> _ = torch.manual_seed(0); w = torch.randn(1, 6, 8)
     >>> folds = [InputMoments.zeros(8), InputMoments.zeros(8)]
     >>> for fold in folds: fold.update(torch.randn(2, 8))  # 4 rows for 8 inputs: scarce
@@ -81,8 +83,7 @@ def choose_shrinkage(
             1.0, {}, "fewer than two calibration folds of 2+ rows to validate on"
         )
     total = sum_statistics(list(folds))
-    inputs = total if isinstance(total, InputMoments) else total.inputs
-    if float(inputs.covariance().diagonal(dim1=-2, dim2=-1).sum()) <= 0:
+    if float(total.inputs.covariance().diagonal(dim1=-2, dim2=-1).sum()) <= 0:
         return ShrinkageChoice(1.0, {}, "the calibration inputs do not vary")
     w64 = weight.detach().to(torch.float64)
     b64 = None if bias is None else bias.detach().to(torch.float64).reshape(w64.shape[:2])
@@ -108,9 +109,6 @@ def _parts(
     stats: Statistics, group: int
 ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw sums of one group: ``(n, Σx′x′ᵀ, Σx′, Σx′xᵀ, Σxxᵀ, Σx)`` (``x′ = x`` unpaired)."""
-    if isinstance(stats, InputMoments):
-        xtx, xsum = stats.xtx[group], stats.xsum[group]
-        return stats.count, xtx, xsum, xtx, xtx, xsum
     inputs, original = stats.inputs, stats.original
     return (
         stats.count,
@@ -168,10 +166,8 @@ def _solutions(
     values = values.clamp_min(0)
     tau = float(values.sum()) / values.numel()
     target_v, weight_v = vectors.T @ target, vectors.T @ weight_t
-    inputs = stats if isinstance(stats, InputMoments) else stats.inputs
-    original = stats if isinstance(stats, InputMoments) else stats.original
-    shift = weight @ original.mean()[group]  # W μ: the refitted bias is b + W μ − Ŵ μ′
-    mean_in = inputs.mean()[group]
+    shift = weight @ stats.original.mean()[group]  # W μ: the refitted bias is b + W μ − Ŵ μ′
+    mean_in = stats.inputs.mean()[group]
     base = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias
     results = []
     for alpha in grid:
