@@ -149,6 +149,7 @@ MODES = (
     # sensitivity without error propagation (which lost on EfficientNet, see the README)
     Mode("independent + sensitivity", dict(_SENSITIVE_FLAGS)),
     Mode("independent + sensitivity + healing", dict(_SENSITIVE_FLAGS), heal=True),
+    Mode("independent + sensitivity + shrinkage", {**_SENSITIVE_FLAGS, "shrinkage": "auto"}),
 )
 NOT_AVAILABLE = "n/a (not available)"
 

@@ -115,9 +115,9 @@ class FactorizeConfig:
     leaf_modules: tuple = ()
     functional: bool = True
     # chosen on the real-model benchmark (README, "Keeping the function")
-    propagate_error: bool = False
+    propagate_error: bool = True
     sensitivity: bool = True
-    shrinkage: str | float = 0.0
+    shrinkage: str | float = "auto"
 
     def __post_init__(self) -> None:
         for name in (

@@ -180,6 +180,35 @@ def test_without_shrinkage_one_row_claims_a_perfect_fit_that_does_not_hold():
     assert ff.report_of(gm).factorized[0].nmse == pytest.approx(0.0, abs=1e-9)
 
 
+def test_shrinkage_folds_interleave_samples_so_grouped_batches_are_not_over_shrunk():
+    """Batches often hold their samples grouped by source (crops of one photo, then the next).
+    Folds made of contiguous halves then validate on a source never fitted, and shrink a layer
+    whose data is plentiful toward data-free; interleaved folds see every source in each."""
+    torch.manual_seed(5)
+    dim, rank = 32, 6
+    bases = torch.linalg.qr(torch.randn(dim, dim))[0]
+    scales = torch.full((dim,), 0.05)
+
+    def source(index: int, rows: int) -> torch.Tensor:  # each source spans its own 6 directions
+        strong = scales.clone()
+        strong[6 * index : 6 * index + 6] = 3.0
+        return (torch.randn(rows, dim) * strong) @ bases.T
+
+    model = nn.Sequential(nn.Linear(dim, dim))
+    calibration = [torch.cat([source(0, 150), source(1, 150)]) for _ in range(2)]
+    held_out = torch.cat([source(0, 2000), source(1, 2000)])
+    options = dict(latent_features=rank, **CONFIG)
+    errors = {}
+    for shrinkage in (0.0, "auto"):
+        gm = ff.transform(
+            model, held_out[:2], calibration=calibration, shrinkage=shrinkage, **options
+        )
+        errors[shrinkage] = _held_out_error(model, gm, held_out)
+        chosen = ff.report_of(gm).factorized[0].shrinkage
+    assert chosen <= 0.03
+    assert errors["auto"] <= errors[0.0] * 1.05
+
+
 def test_choose_shrinkage_picks_data_free_for_pure_noise_and_none_for_plentiful_data():
     torch.manual_seed(3)
     weight = torch.randn(1, 20, 30, dtype=torch.float64)
@@ -343,14 +372,20 @@ def test_equivalence_check_verifies_every_calibration_mode_and_catches_a_nudge(
 
 def test_transform_heal_shorthand_distils_on_the_calibration_batches():
     torch.manual_seed(9)
-    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
+    )
     before = copy.deepcopy(model.state_dict())
     batches = [torch.randn(128, 32) for _ in range(8)]
     held_out = torch.randn(1000, 32)
     options = dict(latent_features=3, shrinkage=0.0, **CONFIG)
     plain = ff.transform(model, batches[0], calibration=batches, **options)
     healed = ff.transform(
-        model, batches[0], calibration=batches, heal={"steps": 100, "lr": 1e-3, "loss": "mse"}, **options
+        model,
+        batches[0],
+        calibration=batches,
+        heal={"steps": 100, "lr": 1e-3, "loss": "mse"},
+        **options,
     )
     report = ff.report_of(healed)
     assert report.heal is not None and report.heal.steps == 100

@@ -171,7 +171,8 @@ def reduced_rank_regression(
 def top_singular_pair(
     z: torch.Tensor, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best rank-``rank`` pair ``left @ right`` of ``z`` (``[D, M]``) and all singular values.
+    """Best rank-``rank`` pair ``left @ right`` of ``z`` (``[D, M]``, or a batch ``[..., D, M]``)
+    and all singular values.
 
     Uses the eigendecomposition of the smaller Gram matrix (``z zᵀ`` or ``zᵀ z``): a symmetric
     eigensolver of size ``min(D, M)`` is several times faster than an SVD of ``z`` and, in float64,
@@ -182,17 +183,17 @@ def top_singular_pair(
     >>> bool(torch.allclose(left @ right, z)), tuple(s.shape)
     (True, (5,))
     """
-    tall = z.shape[0] > z.shape[1]
-    gram = z.T @ z if tall else z @ z.T
+    tall = z.shape[-2] > z.shape[-1]
+    gram = z.mT @ z if tall else z @ z.mT
     values, vectors = linalg.eigh(gram)  # ascending
-    values, vectors = values.flip(0), vectors.flip(1)
+    values, vectors = values.flip(-1), vectors.flip(-1)
     s = values.clamp_min(0).sqrt()
-    basis = vectors[:, :rank]
+    basis, top = vectors[..., :rank], s[..., :rank]
     # even split of s between the factors; directions with s ≈ 0 keep scale 1 (no division by 0)
-    scale = torch.where(s[:rank] > s[0] * 1e-12, s[:rank].sqrt(), torch.ones_like(s[:rank]))
+    scale = torch.where(top > s[..., :1] * 1e-12, top.sqrt(), torch.ones_like(top))
     if tall:  # z ≈ (z Q_r) Q_rᵀ
-        return (z @ basis) / scale, scale.unsqueeze(1) * basis.T, s
-    return basis * scale, (basis.T @ z) / scale.unsqueeze(1), s  # z ≈ P_r (P_rᵀ z)
+        return (z @ basis) / scale.unsqueeze(-2), scale.unsqueeze(-1) * basis.mT, s
+    return basis * scale.unsqueeze(-2), (basis.mT @ z) / scale.unsqueeze(-1), s  # z ≈ P_r (P_rᵀ z)
 
 
 def _per_group(

@@ -19,7 +19,6 @@ import torch
 from fxfactorize.core import linalg
 from fxfactorize.core.lowrank import (
     RIDGE,
-    shrunk_problem,
     top_singular_pair,
     truncated_svd,
 )
@@ -92,53 +91,36 @@ def choose_shrinkage(
         if held.count == 0:
             continue
         rest = sum_statistics([fold for i, fold in enumerate(folds) if i != index])
-        for g in range(w64.shape[0]):
-            bias_g = None if b64 is None else b64[g]
-            error_of = _held_out_error(w64[g], bias_g, held, g)
-            for alpha, second, first, new_bias in _solutions(
-                w64[g], bias_g, rank_per_group, rest, g, grid
-            ):
-                errors[alpha] += error_of(second, first, new_bias)
+        error_of = _held_out_error(w64, b64, held)
+        for alpha, second, first, new_bias in _solutions(w64, b64, rank_per_group, rest, grid):
+            errors[alpha] += error_of(second, first, new_bias)
     reference = errors[1.0] if 1.0 in errors else max(errors.values())
     best = min(reversed(grid), key=lambda alpha: errors[alpha])  # ties: the larger α
     scale = reference if reference > 0 else 1.0
     return ShrinkageChoice(best, {alpha: errors[alpha] / scale for alpha in grid})
 
 
-def _parts(
-    stats: Statistics, group: int
-) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw sums of one group: ``(n, Σx′x′ᵀ, Σx′, Σx′xᵀ, Σxxᵀ, Σx)`` (``x′ = x`` unpaired)."""
-    inputs, original = stats.inputs, stats.original
-    return (
-        stats.count,
-        inputs.xtx[group],
-        inputs.xsum[group],
-        stats.cross[group],
-        original.xtx[group],
-        original.xsum[group],
-    )
-
-
-def _held_out_error(weight: torch.Tensor, bias: torch.Tensor | None, held: Statistics, group: int):
-    """A function ``(P, Q, b̂) ↦ Σ ‖W x + b − P Q x′ − b̂‖²`` over the rows of ``held``, for
-    the factored ``Ŵ = P Q`` (``P`` ``[M, r]``, ``Q`` ``[r, D]``): the parts that do not depend
-    on the solution are computed once, so each call costs ``O(r D²)`` instead of ``O(M D²)``."""
-    n, s_in, m_in, s_cross, s_orig, m_orig = _parts(held, group)
-    b = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias
-    target_energy = float(torch.einsum("md,de,me->", weight, s_orig, weight))
-    target_energy += float(2 * b @ (weight @ m_orig) + n * b @ b)
-    target_sum = weight @ m_orig + n * b  # Σ y
-    target_cross = s_cross @ weight.T + torch.outer(m_in, b)  # Σ x′ yᵀ, [D, M]
+def _held_out_error(weight: torch.Tensor, bias: torch.Tensor | None, held: Statistics):
+    """A function ``(P, Q, b̂) ↦ Σ ‖W x + b − P Q x′ − b̂‖²`` over the rows of ``held`` and
+    every group, for the factored ``Ŵ = P Q`` (``weight`` ``[G, M, D]``, ``P`` ``[G, M, r]``,
+    ``Q`` ``[G, r, D]``, biases ``[G, M]``): the parts that do not depend on the solution are
+    computed once, so each call costs ``O(G r D²)`` instead of ``O(G M D²)``."""
+    n, inputs, original = held.count, held.inputs, held.original
+    b = torch.zeros(weight.shape[:2], dtype=torch.float64) if bias is None else bias
+    target_mean = (weight @ original.xsum.unsqueeze(-1)).squeeze(-1)  # Σ W x, [G, M]
+    target_energy = float(torch.einsum("gmd,gde,gme->", weight, original.xtx, weight))
+    target_energy += float(2 * (b * target_mean).sum() + n * (b * b).sum())
+    target_sum = target_mean + n * b  # Σ y
+    target_cross = held.cross @ weight.mT + inputs.xsum.unsqueeze(-1) * b.unsqueeze(-2)  # Σ x′yᵀ
 
     def error(second: torch.Tensor, first: torch.Tensor, new_bias: torch.Tensor | None) -> float:
         b_hat = torch.zeros_like(b) if new_bias is None else new_bias
-        first_in = first @ s_in  # [r, D]
-        quad = float(((second.T @ second) * (first_in @ first.T)).sum())
-        mixed = float(((first @ target_cross) * second.T).sum())  # Σ yᵀ Ŵ x′
-        linear = float(2 * b_hat @ (second @ (first @ m_in)))
-        approx_energy = quad + linear + n * float(b_hat @ b_hat)
-        total = target_energy + approx_energy - 2 * (mixed + float(b_hat @ target_sum))
+        first_in = first @ inputs.xtx  # [G, r, D]
+        quad = float(((second.mT @ second) * (first_in @ first.mT)).sum())
+        mixed = float(((first @ target_cross) * second.mT).sum())  # Σ yᵀ Ŵ x′
+        fitted_sum = (second @ (first @ inputs.xsum.unsqueeze(-1))).squeeze(-1)  # Σ Ŵ x′
+        approx_energy = quad + float(2 * (b_hat * fitted_sum).sum() + n * (b_hat * b_hat).sum())
+        total = target_energy + approx_energy - 2 * (mixed + float((b_hat * target_sum).sum()))
         return max(total, 0.0)
 
     return error
@@ -149,39 +131,39 @@ def _solutions(
     bias: torch.Tensor | None,
     rank: int,
     stats: Statistics,
-    group: int,
     grid: Sequence[float],
 ):
-    """``(α, P, Q, b̂)`` with ``Ŵ = P Q`` for every ``α`` of ``grid``, for one group's
-    ``weight`` (``[M, D]``), from one eigendecomposition of the input covariance.
+    """``(α, P, Q, b̂)`` with ``Ŵ = P Q`` for every ``α`` of ``grid``, for all groups of
+    ``weight`` (``[G, M, D]``) at once, from one eigendecomposition of each input covariance.
 
     ``(1 − α) C + α τ I + λ I = V diag(d) Vᵀ`` with ``d = (1 − α) eig(C) + α τ + λ`` (the ridge
     ``λ = RIDGE · τ`` does not depend on ``α``: the trace is kept), so each ``α`` costs only the
     small Gram eigensolve of the whitened target, not a new factorization of ``C``.
     """
-    weight_t = weight.T
-    cov, cross = shrunk_problem(stats, weight_t, group, 0.0)
-    target = cov @ weight_t if cross is None else cross
+    weight_t = weight.mT
+    cov = stats.inputs.covariance()
+    target = stats.cross_covariance() @ weight_t  # C Wᵀ unpaired: the two sides coincide
     values, vectors = linalg.eigh(cov)
     values = values.clamp_min(0)
-    tau = float(values.sum()) / values.numel()
-    target_v, weight_v = vectors.T @ target, vectors.T @ weight_t
-    shift = weight @ stats.original.mean()[group]  # W μ: the refitted bias is b + W μ − Ŵ μ′
-    mean_in = stats.inputs.mean()[group]
-    base = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias
+    tau = values.mean(-1, keepdim=True)  # [G, 1]
+    target_v, weight_v = vectors.mT @ target, vectors.mT @ weight_t
+    shift = (weight @ stats.original.mean().unsqueeze(-1)).squeeze(-1)  # W μ: b̂ = b + W μ − Ŵ μ′
+    mean_in = stats.inputs.mean().unsqueeze(-1)
+    base = torch.zeros(weight.shape[:2], dtype=torch.float64) if bias is None else bias
+    ridge = RIDGE * tau
+    floor = torch.where(ridge > 0, ridge, torch.ones_like(ridge))
     results = []
     for alpha in grid:
         if alpha == 1.0:
             first, second, _ = truncated_svd(weight, rank)
             results.append((alpha, second, first, bias))
             continue
-        ridge = RIDGE * tau
-        d = ((1 - alpha) * values + alpha * tau + ridge).clamp_min(ridge if ridge > 0 else 1.0)
-        root = d.sqrt().unsqueeze(1)
-        z = ((1 - alpha) * target_v + (alpha * tau + ridge) * weight_v) / root
+        d = torch.maximum((1 - alpha) * values + alpha * tau + ridge, floor)
+        root = d.sqrt().unsqueeze(-1)  # [G, D, 1]
+        z = ((1 - alpha) * target_v + (alpha * tau + ridge).unsqueeze(-1) * weight_v) / root
         left, right, _ = top_singular_pair(z, rank)
-        first = ((vectors / root.T) @ left).T  # [r, D]
-        second = right.T  # [M, r]
-        new_bias = base + shift - second @ (first @ mean_in)
+        first = ((vectors / root.mT) @ left).mT  # [G, r, D]
+        second = right.mT  # [G, M, r]
+        new_bias = base + shift - (second @ (first @ mean_in)).squeeze(-1)
         results.append((alpha, second, first, new_bias))
     return results

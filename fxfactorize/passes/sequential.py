@@ -340,9 +340,10 @@ def _paired_folds(
     folds = [PairedMoments.zeros(layer.fan_in, layer.groups, device=device) for _ in range(FOLDS)]
     for call, (x, x_prime) in enumerate(pairs):
         if not torch.isfinite(x_prime).all():
+            where = "model" if not torch.isfinite(x).all() else "partly factorized model"
             raise ValueError(
-                f"the factorized model gives NaN or Inf at the input of layer {target} "
-                f"(graph node {entry.node!r})"
+                f"calibration batch {call} gives NaN or Inf at the input of layer {target} "
+                f"(graph node {entry.node!r}) in the {where}"
             )
         if x.shape != x_prime.shape:
             raise ValueError(
