@@ -164,10 +164,12 @@ def refine(
     >>> from fxfactorize.core.moments import InputMoments
     >>> m = InputMoments.zeros(4); m.update(torch.randn(64, 4))
     >>> w = torch.randn(3, 4, dtype=torch.float64)
-    >>> a, b = refine(w, [torch.zeros(3, 2, dtype=torch.float64) + 0.1,
-    ...                   torch.ones(2, 4, dtype=torch.float64)], lambda b, a: b @ a, m)
-    >>> tuple((b @ a).shape)
-    (3, 4)
+    >>> start = [torch.full((3, 2), 0.1, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64)]
+    >>> b, a = refine(w, start, lambda b, a: b @ a, m)
+    >>> c = m.covariance()[0]
+    >>> def error(b, a): return float(torch.trace((w - b @ a) @ c @ (w - b @ a).T))
+    >>> error(b, a) < error(*start)
+    True
     """
     w = weight.detach().to(torch.float64).reshape(weight.shape[0], -1)
     cov, cross = shrunk_problem(moments, w.T, 0, shrinkage)
