@@ -113,8 +113,8 @@ class _StructuredConv:
             approx = new.effective_weight().to(torch.float64)  # as stored, rounding included
             new_bias = None
             if moments is not None:
-                grouped = (w64.reshape(1, w64.shape[0], -1), approx.reshape(1, w64.shape[0], -1))
-                new_bias = refit_bias(*grouped, bias, moments)
+                flat = w64.reshape(1, w64.shape[0], -1)
+                new_bias = refit_bias(flat, bias, approx.reshape(flat.shape), moments)
             elif bias is not None:
                 new_bias = bias.to(torch.float64)
             if new_bias is not None:
@@ -150,8 +150,10 @@ class _StructuredConv:
         errors = []
         for rank in ranks:
             approx = self._expand(*self._factors(weight, layer, rank))
-            flat = (weight.reshape(1, weight.shape[0], -1), approx.reshape(1, weight.shape[0], -1))
-            new_bias = None if moments is None else refit_bias(*flat, bias, moments)
+            flat = weight.reshape(1, weight.shape[0], -1)
+            new_bias = None
+            if moments is not None:
+                new_bias = refit_bias(flat, bias, approx.reshape(flat.shape), moments)
             errors.append(_measured(weight, bias, approx, new_bias, moments)[0])
         return errors
 
