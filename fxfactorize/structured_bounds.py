@@ -138,8 +138,15 @@ def calibrated_bound(
     weight: torch.Tensor, bias: torch.Tensor, layer: nn.Module, stats: Statistics
 ) -> float:
     """The error the data-free solution at ``layer``'s ranks, with the best bias, makes on
-    ``stats`` (``Σ_n ‖W x_n + b − Ŵ x′_n − b̂‖²``), plus the relative slack."""
+    ``stats`` (``Σ_n ‖W x_n + b − Ŵ x′_n − b̂‖²``), plus the relative slack and the rounding of
+    the layer's factors to its dtype: ``(ROUNDING ε)²`` per factor and rank of the output energy
+    ``Σ_n ‖W x_n + b‖²`` (as the pair's calibrated bound allows)."""
     w = weight.reshape(1, weight.shape[0], -1)
     approx = _reference_solution(weight, layer).reshape(w.shape)
     best_bias = refit_bias(w, bias, approx, stats)
-    return error_energy(w, bias, approx, best_bias, stats) * (1 + CALIBRATED_RTOL)
+    reached = error_energy(w, bias, approx, best_bias, stats) * (1 + CALIBRATED_RTOL)
+    dtype = next(layer.parameters()).dtype
+    eps = max(torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)  # float32-summed moments
+    output = error_energy(w, bias, torch.zeros_like(w), None, stats)
+    factors = len(list(layer.children()))
+    return reached + (ROUNDING * eps) ** 2 * factors * max(_ranks(layer)) * output
