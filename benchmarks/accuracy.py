@@ -6,6 +6,12 @@ calibrated on the training images, and scored on the held-out images. Writes a M
 a Pareto plot (accuracy vs MAC-limit speedup) into ``benchmarks/results/``.
 
     uv run python benchmarks/accuracy.py
+    uv run python benchmarks/accuracy.py --structures   # pair / spatial / Tucker-2 / auto (issue 17)
+
+``--structures`` factorizes the CNN's two dense 3×3 convs with each conv structure at the same
+rank knob (``latent_channels``), data-free and calibrated, and writes error (output nmse of the
+logits on the held-out images, and accuracy) against MACs: ``results/accuracy_structures.md`` and
+``.png``.
 """
 
 from __future__ import annotations
@@ -76,12 +82,99 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * float((model(x).argmax(1) == y).float().mean())
 
 
+@torch.no_grad()
+def logit_nmse(model: nn.Module, candidate: nn.Module, x: torch.Tensor) -> float:
+    reference = model(x)
+    return float((candidate(x) - reference).pow(2).mean() / reference.var())
+
+
+def structures(args: argparse.Namespace) -> None:
+    """Error vs MACs of pair / spatial / Tucker-2 / auto on the digits CNN's dense convs."""
+    x_train, x_test, y_train, y_test = data()
+    torch.manual_seed(0)
+    model = train(SmallCNN(), x_train, y_train, args.epochs)
+    base = accuracy(model, x_test, y_test)
+    options = {"cost_model": "macs", "min_channels": 32, "linears": False, "progress": False}
+    rows, points = [], []
+    for method in ("lowrank", "spatial", "tucker2", "auto"):
+        for mode in ("data-free", "calibrated"):
+            calibration = list(x_train.split(256)) if mode == "calibrated" else None
+            for latent in (0.5, 0.25, 0.125, 0.0625):
+                gm = ff.transform(
+                    model,
+                    x_test[:8],
+                    method=method,
+                    latent_channels=latent,
+                    calibration=calibration,
+                    **options,
+                )
+                report = gm.meta["fxfactorize"]
+                convs = [r for r in report.layers if r.op == "Conv2d" and r.rank]
+                before = sum(r.macs_before for r in convs)
+                after = sum(r.macs_after for r in convs)
+                chosen = ", ".join(r.detail or f"pair r={r.rank}" for r in convs)
+                nmse, score = logit_nmse(model, gm, x_test), accuracy(gm, x_test, y_test)
+                rows.append(
+                    [
+                        method,
+                        mode,
+                        latent,
+                        f"{after / before:.3f}",
+                        f"{nmse:.4f}",
+                        f"{score:.2f}",
+                        chosen,
+                    ]
+                )
+                points.append((method, mode, after / before, nmse))
+    headers = [
+        "method",
+        "solve",
+        "latent_channels",
+        "conv MACs ×",
+        "logit nmse",
+        "test acc %",
+        "structures",
+    ]
+    table = tabulate(rows, headers, tablefmt="github")
+    text = (
+        f"digits CNN (the two dense 3×3 convs 32→64, 64→64; {len(x_test)} held-out images, "
+        f"original accuracy {base:.2f} %), {args.epochs} epochs, cost_model='macs'; 1 CPU thread "
+        f"of a 2-core CPU VM\n\n{table}\n"
+    )
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "accuracy_structures.md").write_text(text)
+    if args.no_plot:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, mode in zip(axes, ("data-free", "calibrated"), strict=True):
+        for method, marker in (("lowrank", "o"), ("spatial", "s"), ("tucker2", "^"), ("auto", "x")):
+            chosen = sorted((p[2], p[3]) for p in points if p[0] == method and p[1] == mode)
+            axis.plot([c[0] for c in chosen], [c[1] for c in chosen], marker=marker, label=method)
+        axis.set_xlabel("conv MACs after ÷ before")
+        axis.set_yscale("log")
+        axis.set_title(f"digits CNN, {mode}")
+        axis.legend()
+    axes[0].set_ylabel("logit nmse on held-out images")
+    figure.tight_layout()
+    figure.savefig(RESULTS / "accuracy_structures.png", dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--structures", action="store_true", help="pair/spatial/Tucker-2/auto")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.structures:
+        structures(args)
+        return
     x_train, x_test, y_train, y_test = data()
     rows, points = [], []
     options = {"cost_model": "macs", "min_features": 32, "min_channels": 32, "progress": False}

@@ -60,7 +60,9 @@ class FactorizeConfig:
             ``min(in, out)`` (float in (0, 1)).
         min_channels: a conv is left alone unless ``min(in_channels, out_channels) >= min_channels``.
         latent_channels: rank (latent channels) of factorized convs, int or fraction as above.
-        method: the factorization method, a name registered in :mod:`fxfactorize.methods`.
+        method: the factorization method, a name registered in :mod:`fxfactorize.methods`
+            (``"lowrank"``, ``"spatial"``, ``"tucker2"``, a tensorized format), or ``"auto"``:
+            per conv, the structure and rank with the lowest predicted error at the allowed cost.
         progress: show tqdm progress bars for long work.
         cost_model: how a pair is judged cheaper: ``"latency"`` (default: a roofline calibrated
             on the device; the pair must be predicted faster by a margin), ``"macs"`` (Composer's

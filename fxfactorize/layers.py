@@ -132,6 +132,18 @@ class LayerShape:
     positions: int
     bias: bool
     latent: int | None = None
+    #: a conv's stride (``()``: unit or unknown); structures whose first conv runs at the input's
+    #: resolution cost ``prod(stride)`` times more there
+    stride: tuple[int, ...] = ()
+
+    @property
+    def input_positions(self) -> int:
+        """Positions at the input's resolution (about ``positions · prod(stride)``).
+
+        >>> LayerShape("conv2d", 8, 8, (3, 3), 1, positions=16, bias=False, stride=(2, 2)).input_positions
+        64
+        """
+        return self.positions * math.prod(self.stride)
 
     @property
     def fan_in(self) -> int:
@@ -190,6 +202,7 @@ def describe_module(module: nn.Module, output_numel: int = 0) -> LayerShape | No
         out_size, kernel = weight.shape[0], tuple(weight.shape[2:])
         bias, latent = module.bias is not None, None
     groups = getattr(module, "groups", 1)
+    stride = tuple(conv_arguments(module)["stride"]) if kind != "linear" else ()
     return LayerShape(
-        kind, in_size, out_size, kernel, groups, output_numel // out_size, bias, latent
+        kind, in_size, out_size, kernel, groups, output_numel // out_size, bias, latent, stride
     )

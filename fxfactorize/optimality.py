@@ -50,6 +50,10 @@ sum also runs over the groups of a grouped convolution.
   library's float32 Gram splits and its randomized range finder for unfoldings of 512+ on both
   sides (measured within 0.3 % of the exact split). The bias must be kept. CP (ALS) has no such
   reference point: a CP layer is unverifiable.
+* **Spatial SVD / Tucker-2** convs: see :mod:`fxfactorize.structured_bounds` (data-free: the exact
+  optimum of the spatial layout, or the exact HOSVD; calibrated: no worse than that data-free
+  solution with its best bias on the calibration inputs, or on the paired inputs of an
+  error-propagating solve).
 
 A layer that meets a bound is *verified*; its substitute (a function built from the candidate's
 parameters alone, under the reference layer's geometry) stands in for the reference layer while the
@@ -76,7 +80,8 @@ from fxfactorize.core.moments import InputMoments, PairedMoments, Statistics
 from fxfactorize.core.patches import conv_patch_rows
 from fxfactorize.core.shrinkage import SHRINKAGE_GRID
 from fxfactorize.errors import CalibrationError
-from fxfactorize.modules import FactorizedConvNd, FactorizedLinear
+from fxfactorize.modules import STRUCTURED_CONVS, FactorizedConvNd, FactorizedLinear
+from fxfactorize.structured_bounds import calibrated_bound, data_free_bound, structured_map
 from fxfactorize.tensorized.layer import FactorizedLinear as TensorizedLinear
 
 __all__ = [
@@ -159,7 +164,7 @@ def factorized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     >>> [name for name, _ in factorized_layers(model)]
     ['0']
     """
-    kinds = (FactorizedLinear, FactorizedConvNd, TensorizedLinear)
+    kinds = (FactorizedLinear, FactorizedConvNd, TensorizedLinear, *STRUCTURED_CONVS)
     return [(name, module) for name, module in model.named_modules() if isinstance(module, kinds)]
 
 
@@ -539,6 +544,8 @@ def _judge(
         what = "no layer" if ref_layer is None else f"a {type(ref_layer).__name__}"
         why = f"the reference has {what} at {name!r} to compare it with"
         return Verdict(name, "unverifiable", f"{why} (a layer made from a functional call?)")
+    if isinstance(layer, STRUCTURED_CONVS):
+        return _judge_structured(name, layer, ref, ref_layer, moments, paired)
     try:
         cand, rank, substitute = _candidate_map(layer, ref)
     except _Malformed as error:
@@ -573,6 +580,60 @@ def _judge(
     detail = f"neither the data-free optimum ({detail}) nor the calibrated one ({cal_detail})"
     return Verdict(
         name, "fault", detail, excess=min(excess, cal_excess, shrunk_excess), needs_pairs=True
+    )
+
+
+def _judge_structured(
+    name: str,
+    layer: nn.Module,
+    ref: Affine,
+    ref_layer: nn.Module,
+    moments: dict[str, InputMoments] | None,
+    paired: dict[str, PairedMoments] | None,
+) -> Verdict:
+    """A spatial-SVD or Tucker-2 layer's verdict (see :mod:`fxfactorize.structured_bounds`)."""
+    try:
+        weight, bias, substitute = structured_map(layer, ref.conv)
+    except ValueError as error:
+        return Verdict(name, "fault", f"malformed {type(layer).__name__}: {error}", excess=math.inf)
+    verified = Verdict(name, "verified", reference=ref_layer, substitute=substitute)
+    reference = ref.weight[0].reshape(weight.shape)
+    dtype = next(layer.parameters()).dtype
+    energy = float(reference.pow(2).sum())
+    error = float((reference - weight).pow(2).sum())
+    allowed = data_free_bound(reference, layer, dtype)
+    bias_differs = _bias_check(ref, Affine(ref.weight, bias[None], dtype), _eps(ref.dtype, dtype))
+    detail = (
+        f"‖W − Ŵ‖² = {_relative(error, energy):.4g} of ‖W‖², the data-free {layer.structure} "
+        f"reaches {_relative(allowed, energy):.4g}" + (f"; {bias_differs}" if bias_differs else "")
+    )
+    if error <= allowed and not bias_differs:
+        return dataclasses.replace(verified, how="data-free", detail=detail)
+    if moments is None:
+        why = f"not the data-free solution ({detail}); a calibrated layer needs calibration="
+        return Verdict(name, "unverifiable", why, needs_calibration=True)
+    if name not in moments:
+        why = f"not the data-free solution ({detail}), and no calibration batch reaches the layer"
+        return Verdict(name, "unverifiable", why)
+    grouped = (ref.weight, ref.bias[0], weight.reshape(ref.weight.shape), bias)
+    failures = []
+    for how, stats in (("calibration", moments[name]), ("propagated calibration", None)):
+        stats = stats if stats is not None else (paired or {}).get(name)
+        if stats is None:
+            continue
+        reached = error_energy(*grouped, stats)
+        bound = calibrated_bound(reference, ref.bias[0], layer, stats)
+        what = f"error on the {how} data {reached:.4g}, the data-free solution's {bound:.4g}"
+        if reached <= bound:
+            return dataclasses.replace(verified, how=how, detail=what)
+        failures.append((what, _relative(reached - bound, bound)))
+    summary = "; ".join(what for what, _ in failures)
+    return Verdict(
+        name,
+        "fault",
+        f"neither the data-free solution ({detail}) nor better on calibration ({summary})",
+        excess=min(excess for _, excess in failures),
+        needs_pairs=paired is None,
     )
 
 

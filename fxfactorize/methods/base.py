@@ -11,6 +11,7 @@ from fxfactorize.core.moments import Statistics
 from fxfactorize.layers import LayerShape
 
 __all__ = [
+    "AUTO_METHOD",
     "DEFAULT_METHOD",
     "Method",
     "Solved",
@@ -24,6 +25,8 @@ __all__ = [
 
 #: The method for layers the configured method does not handle (Composer's rank-r pair).
 DEFAULT_METHOD = "lowrank"
+#: Not a handler: the planner picks per conv the structure and rank (the pair for Linear layers).
+AUTO_METHOD = "auto"
 
 
 @dataclasses.dataclass
@@ -111,7 +114,8 @@ def get_method(name: str) -> Method:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"method must be one of {registered_methods()}; got {name!r}") from None
+        choices = [AUTO_METHOD, *registered_methods()]
+        raise ValueError(f"method must be one of {choices}; got {name!r}") from None
 
 
 def _short(value: object, limit: int = 60) -> str:

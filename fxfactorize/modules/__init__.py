@@ -1,4 +1,5 @@
-"""The replacement modules: Composer-compatible factorized pairs for Linear and Conv1d/2d/3d."""
+"""The replacement modules: Composer-compatible factorized pairs for Linear and Conv1d/2d/3d, and
+the other conv structures (spatial SVD, Tucker-2)."""
 
 from fxfactorize.modules.conv import (
     FactorizedConv1d,
@@ -8,6 +9,7 @@ from fxfactorize.modules.conv import (
 )
 from fxfactorize.modules.linear import FactorizedLinear
 from fxfactorize.modules.pair import FactorizedPair, factorizing_could_speedup
+from fxfactorize.modules.structured import STRUCTURED_CONVS, SpatialConv2d, Tucker2Conv
 
 __all__ = [
     "FactorizedConv1d",
@@ -16,5 +18,8 @@ __all__ = [
     "FactorizedConvNd",
     "FactorizedLinear",
     "FactorizedPair",
+    "STRUCTURED_CONVS",
+    "SpatialConv2d",
+    "Tucker2Conv",
     "factorizing_could_speedup",
 ]

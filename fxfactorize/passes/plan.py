@@ -13,7 +13,16 @@ from fxfactorize.config import FactorizeConfig, resolve_latent_size
 from fxfactorize.core.moments import InputMoments
 from fxfactorize.costmodels import CostModel, LayerSite, get_cost_model
 from fxfactorize.layers import OP_NAMES, LayerShape
-from fxfactorize.methods import DEFAULT_METHOD, get_method
+from fxfactorize.methods import AUTO_METHOD, CONV_STRUCTURES, DEFAULT_METHOD, get_method
+from fxfactorize.passes.auto import (
+    Candidate,
+    auto_applies,
+    choose_at_cost,
+    choose_for_tolerance,
+    conv_candidates,
+    pareto,
+    structure_cost,
+)
 from fxfactorize.passes.cost import LAYER_META
 from fxfactorize.policies import (
     BudgetItem,
@@ -53,11 +62,14 @@ def _layer_nodes(gm: fx.GraphModule) -> dict[str, tuple[fx.Node, LayerShape]]:
 
 def method_for(layer: LayerShape, config: FactorizeConfig) -> str:
     """The method for ``layer``: ``config.method`` if it handles the layer's kind, else the
-    default (a tensorized format takes Linear nodes; convs keep the rank-r pair).
+    default (a tensorized format takes Linear nodes; convs keep the rank-r pair). Under
+    ``"auto"`` it is the pair, the base the planner compares the other structures with.
 
     >>> method_for(LayerShape("conv2d", 8, 8, (3, 3), 1, 1, False), FactorizeConfig(method="tt"))
     'lowrank'
     """
+    if config.method == AUTO_METHOD:
+        return DEFAULT_METHOD
     chosen = get_method(config.method)
     return chosen.name if layer.kind in chosen.kinds else DEFAULT_METHOD
 
@@ -167,15 +179,69 @@ def _round_rank(site: LayerSite, rank: int, config: FactorizeConfig, cost_model:
     return rank
 
 
-def _error_curve(entry: LayerEntry, moments: Mapping[str, InputMoments] | None) -> torch.Tensor:
-    """The layer's predicted nmse per rank; ``ValueError`` naming the node for non-finite weights."""
-    module = entry.site.module
-    if not all(torch.isfinite(p).all() for p in module.parameters()):
+def _check_finite(entry: LayerEntry) -> None:
+    """``ValueError`` naming the node when the layer's weights are not finite."""
+    if not all(torch.isfinite(p).all() for p in entry.site.module.parameters()):
         raise ValueError(
             f"graph node {entry.node!r} ({entry.target}) has NaN or Inf weights: cannot predict "
             "its errors"
         )
-    return module_error_curve(module, None if moments is None else moments.get(entry.target))
+
+
+def _error_curve(entry: LayerEntry, moments: Mapping[str, InputMoments] | None) -> torch.Tensor:
+    """The layer's predicted nmse per rank; ``ValueError`` naming the node for non-finite weights."""
+    _check_finite(entry)
+    return module_error_curve(
+        entry.site.module, None if moments is None else moments.get(entry.target)
+    )
+
+
+def _candidates(
+    entry: LayerEntry,
+    config: FactorizeConfig,
+    cost_model: CostModel,
+    moments: Mapping[str, InputMoments] | None,
+    weights: Mapping[str, float] | None,
+) -> list[Candidate]:
+    """Every (structure, rank) of an ``"auto"`` conv that pays (see :mod:`fxfactorize.passes.auto`)."""
+    _check_finite(entry)
+    return conv_candidates(
+        entry.site,
+        entry.site.module,
+        cost_model,
+        None if moments is None else moments.get(entry.target),
+        (weights or {}).get(entry.target, 1.0),
+        config.rank_multiple,
+    )
+
+
+def _auto_policy(
+    entries: list[LayerEntry],
+    config: FactorizeConfig,
+    cost_model: CostModel,
+    moments: Mapping[str, InputMoments] | None,
+    weights: Mapping[str, float] | None,
+) -> tuple[dict[str, tuple[str, int] | None], list[BudgetItem], dict[str, str]]:
+    """Under ``"auto"``: the tolerance policy's choice per conv, or (budget) one
+    :class:`BudgetItem` per conv whose options are its Pareto frontier of (structure, rank)."""
+    chosen: dict[str, tuple[str, int] | None] = {}
+    items, reasons = [], {}
+    for entry in entries:
+        frontier = pareto(_candidates(entry, config, cost_model, moments, weights))
+        if config.tolerance is not None:
+            pick = choose_for_tolerance(frontier, config.tolerance)
+            chosen[entry.target] = None if pick is None else (pick.method, pick.rank)
+            continue
+        original = cost_model.cost(entry.site, None)
+        options = [(c.method, c.rank) for c in frontier]
+        errors, costs = [c.error for c in frontier], [c.cost for c in frontier]
+        items.append(BudgetItem(entry.target, options, errors, costs, original))
+        reasons[entry.target] = (
+            f"budget={config.budget}: kept (the budget allows the original)"
+            if frontier
+            else f"budget={config.budget}: kept; no structure and rank pays"
+        )
+    return chosen, items, reasons
 
 
 def _policy_ranks(
@@ -187,12 +253,17 @@ def _policy_ranks(
 ) -> tuple[dict[str, int | None], dict[str, str]]:
     """The rank the tolerance or budget policy gives each considered layer (``None``: keep it),
     and why each kept layer is kept. ``weights`` scale each layer's predicted nmse (what it
-    costs the model's output, see :mod:`fxfactorize.passes.sensitivity`)."""
+    costs the model's output, see :mod:`fxfactorize.passes.sensitivity`). Under ``"auto"`` a
+    conv's value is ``(structure, rank)``."""
+    automatic = [e for e in entries if e.skip is None and auto_applies(config.method, e.site)]
     considered = [
         entry
         for entry in entries
-        if entry.skip is None and get_method(method_for(entry.site.layer, config)).is_pair
+        if entry.skip is None
+        and get_method(method_for(entry.site.layer, config)).is_pair
+        and entry not in automatic
     ]
+    chosen, auto_items, auto_reasons = _auto_policy(automatic, config, cost_model, moments, weights)
     weights = weights or {}
     curves = {
         entry.target: _error_curve(entry, moments) * weights.get(entry.target, 1.0)
@@ -202,8 +273,8 @@ def _policy_ranks(
         ranks = {
             e.target: rank_for_tolerance(curves[e.target], config.tolerance) for e in considered
         }
-        return ranks, {}
-    items, reasons = [], {}
+        return {**ranks, **chosen}, {}
+    items, reasons = list(auto_items), dict(auto_reasons)
     for entry in considered:
         site, errors = entry.site, curves[entry.target]
         ranks = candidate_ranks(
@@ -242,16 +313,20 @@ def _budget_warning(
     if config.budget is None:
         return None
     before = sum(cost_model.cost(sites[r.target], None) for r in records)
-    after = sum(
-        cost_model.cost(sites[r.target], r.rank if get_method(r.method).is_pair else None)
-        for r in records
-    )
+    after = sum(_planned_cost(sites[r.target], r, cost_model) for r in records)
     if before <= 0 or after <= config.budget * before * (1 + 1e-9):
         return None
     return (
         f"budget={config.budget} cannot be met: the cheapest plan costs {after / before:.4g}× the "
         f"original ({cost_model.name} cost model); the smallest candidate ranks are used"
     )
+
+
+def _planned_cost(site: LayerSite, record: LayerRecord, cost_model: CostModel) -> float:
+    """What ``record``'s decision costs by ``cost_model`` (a method it cannot price: the original's)."""
+    if record.rank is not None and record.method in CONV_STRUCTURES:
+        return structure_cost(site, record.method, record.rank, cost_model)
+    return cost_model.cost(site, record.rank if get_method(record.method).is_pair else None)
 
 
 @dataclasses.dataclass
@@ -349,13 +424,16 @@ def plan_layers(
     shared by all of them. ``moments`` are keyed by the entries' targets; ``weights`` (same
     keys) scale each layer's predicted nmse in the tolerance/budget policies.
     """
-    get_method(config.method)  # an unknown method is an error even if no Linear uses it
+    if config.method != AUTO_METHOD:
+        get_method(config.method)  # an unknown method is an error even if no Linear uses it
     cost_model = get_cost_model(config.cost_model)
-    policy: dict[str, int | None] = {}
+    policy: dict[str, int | tuple[str, int] | None] = {}
     kept: dict[str, str] = {}
     if config.tolerance is not None or config.budget is not None:
         policy, kept = _policy_ranks(entries, config, cost_model, moments, weights)
-    records = [_record(entry, config, cost_model, policy, kept) for entry in entries]
+    records = [
+        _record(entry, config, cost_model, policy, kept, moments, weights) for entry in entries
+    ]
     sites = {entry.target: entry.site for entry in entries}
     warning = _budget_warning(records, sites, config, cost_model)
     return Plan(records, config, [warning] if warning else [])
@@ -365,23 +443,30 @@ def _record(
     entry: LayerEntry,
     config: FactorizeConfig,
     cost_model: CostModel,
-    policy: Mapping[str, int | None],
+    policy: Mapping[str, int | tuple[str, int] | None],
     kept: Mapping[str, str],
+    moments: Mapping[str, InputMoments] | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> LayerRecord:
     """The plan's decision for one layer (``kept``: why the policy keeps a layer it gave no rank)."""
     site, layer, target = entry.site, entry.site.layer, entry.target
+    method = get_method(method_for(layer, config))
+    decided = policy.get(target, 0)
     if entry.skip is not None:
         rank, reason = None, entry.skip
-    elif policy.get(target, 0) is None:
-        rank, reason = None, kept[target]
+    elif decided is None:
+        rank, reason = None, kept.get(target, "no structure and rank is predicted to pay")
+    elif isinstance(decided, tuple):  # "auto": the policy chose the structure too
+        method, rank, reason = get_method(decided[0]), decided[1], None
     else:
         rank, reason = _decide(layer, config, policy.get(target))
-    method = get_method(method_for(layer, config))
     budgeted = config.budget is not None and target in policy  # the allocation priced it already
-    if method.is_pair and rank is not None and not budgeted:
+    if method.is_pair and rank is not None and not budgeted and not isinstance(decided, tuple):
         rank = _round_rank(site, rank, config, cost_model)
         reason = _too_slow(site, rank, cost_model)
         rank = None if reason else rank
+        if rank is not None and target not in policy and auto_applies(config.method, site):
+            method, rank = _auto_at_cost(entry, rank, config, cost_model, moments, weights)
     record = LayerRecord(
         node=entry.node,
         target=target,
@@ -400,3 +485,21 @@ def _record(
         record.macs_after, record.params_after = method.cost(layer, rank)
         record.detail = method.detail(layer, rank)
     return record
+
+
+def _auto_at_cost(
+    entry: LayerEntry,
+    rank: int,
+    config: FactorizeConfig,
+    cost_model: CostModel,
+    moments: Mapping[str, InputMoments] | None,
+    weights: Mapping[str, float] | None,
+):
+    """Under ``"auto"`` with the fixed policy: the (method, rank) of lowest predicted error that
+    costs no more than the pair at the fixed ``rank``."""
+    allowed = cost_model.cost(entry.site, rank)
+    candidates = _candidates(entry, config, cost_model, moments, weights)
+    curve = _error_curve(entry, moments) * (weights or {}).get(entry.target, 1.0)
+    own = Candidate(DEFAULT_METHOD, rank, allowed, float(curve[min(rank, curve.numel() - 1)]))
+    pick = choose_at_cost([own, *candidates], allowed) or own
+    return get_method(pick.method), pick.rank
