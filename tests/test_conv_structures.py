@@ -253,7 +253,17 @@ def _fault(module: nn.Module) -> None:
 def test_equivalence_check_verifies_and_catches_a_one_percent_fault(method, calibrated):
     model, x = _cnn(), torch.randn(2, 16, 12, 12)
     batches = [torch.randn(4, 16, 12, 12) for _ in range(2)] if calibrated else None
-    gm = ff.transform(model, x, method=method, min_channels=8, calibration=batches, progress=False)
+    # independent solve: under propagate_error the calibrated bound (no worse than data-free on
+    # the paired inputs) is too loose to catch a 1 % fault on this model
+    gm = ff.transform(
+        model,
+        x,
+        method=method,
+        min_channels=8,
+        calibration=batches,
+        propagate_error=False,
+        progress=False,
+    )
     verdicts = ff.check_equivalence(model, gm, x, calibration=batches, max_examples=3)
     del verdicts
     for module in gm.modules():
