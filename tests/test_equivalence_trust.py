@@ -44,7 +44,9 @@ BATCHES = [torch.randn(16, 24, generator=gen(i)) + 0.5 for i in (1, 2)]
 def truncated(model: nn.Module = None, calibration=None, rank: int = 4) -> tuple:
     model = model if model is not None else mlp()
     shrinkage = {} if calibration is None else {"shrinkage": 0.0}  # the exact calibrated optimum
-    gm = ff.transform(model, X, calibration=calibration, latent_features=rank, **OPTIONS, **shrinkage)
+    gm = ff.transform(
+        model, X, calibration=calibration, latent_features=rank, **OPTIONS, **shrinkage
+    )
     assert len(gm.meta["fxfactorize"].factorized) == 2
     return model, gm
 

@@ -343,14 +343,20 @@ def test_equivalence_check_verifies_every_calibration_mode_and_catches_a_nudge(
 
 def test_transform_heal_shorthand_distils_on_the_calibration_batches():
     torch.manual_seed(9)
-    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    model = nn.Sequential(
+        nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
+    )
     before = copy.deepcopy(model.state_dict())
     batches = [torch.randn(128, 32) for _ in range(8)]
     held_out = torch.randn(1000, 32)
     options = dict(latent_features=3, shrinkage=0.0, **CONFIG)
     plain = ff.transform(model, batches[0], calibration=batches, **options)
     healed = ff.transform(
-        model, batches[0], calibration=batches, heal={"steps": 100, "lr": 1e-3, "loss": "mse"}, **options
+        model,
+        batches[0],
+        calibration=batches,
+        heal={"steps": 100, "lr": 1e-3, "loss": "mse"},
+        **options,
     )
     report = ff.report_of(healed)
     assert report.heal is not None and report.heal.steps == 100
