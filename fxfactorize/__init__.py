@@ -24,6 +24,7 @@ from fxfactorize.equivalence import (
 )
 from fxfactorize.errors import (
     CalibrationError,
+    DistributedError,
     FactorizeError,
     FactorizeWarning,
     ShapePropagationError,
@@ -55,6 +56,7 @@ logging.getLogger("fxfactorize").addHandler(logging.NullHandler())
 __all__ = [
     "__version__",
     "CalibrationError",
+    "DistributedError",
     "apply_factorization",
     "surgery",
     "costmodels",

@@ -14,6 +14,7 @@ from fxfactorize.config import FactorizeConfig
 from fxfactorize.healing import heal as distil
 from fxfactorize.optimizers import as_optimizer_list, update_optimizers
 from fxfactorize.passes.calibrate import calibration_batches
+from fxfactorize.passes.distributed import process_group as group_of
 from fxfactorize.passes.pipeline import Outcome, plan_regions, run_pipeline
 from fxfactorize.passes.regions import Region, regions_of
 from fxfactorize.passes.rewrite import has_submodule, install
@@ -76,6 +77,7 @@ def transform(
     optimizers: Any = None,
     inplace: bool = False,
     heal: int | dict[str, Any] = 0,
+    process_group: Any = None,
     **overrides: Any,
 ) -> fx.GraphModule | nn.Module:
     """Factorize the Linear/Conv layers of ``model`` where that reduces the work.
@@ -113,6 +115,11 @@ def transform(
             ``calibration`` batches once the layers are solved, or a dict of its keyword
             arguments (``{"steps": 200, "lr": 1e-4}``); ``0`` (default) does not heal. The
             :class:`~fxfactorize.healing.HealReport` is the report's ``heal``.
+        process_group: the ``torch.distributed`` process group to run in (default: the world
+            group, when one is initialised). Every rank passes its own ``calibration`` batches
+            and gets the same plan and bitwise-identical weights: those of one process
+            calibrated on all ranks' batches (rank 0's first), up to float64 summation order.
+            Rank 0's plan is every rank's. ``distributed=False`` (a config field) opts out.
 
     Every argument is checked and every layer solved before anything is installed: on any error
     the caller's model and optimizers are as they were. A module reachable under several names
@@ -132,6 +139,7 @@ def transform(
     config = FactorizeConfig.build(config, **overrides)
     started = time.perf_counter()
     check_example_inputs(example_inputs)
+    group = group_of(config.distributed, process_group)
     heal_options = _heal_options(heal, calibration)
     optimizers = None if optimizers is None else as_optimizer_list(optimizers)
     batches = None if calibration is None else calibration_batches(calibration)
@@ -140,7 +148,7 @@ def transform(
     teacher = copy.deepcopy(model) if heal_options and inplace else model
     working = model if inplace else copy.deepcopy(model)
     regions, untraced = regions_of(working, example_inputs, config)
-    outcome = run_pipeline(working, regions, config, batches, tied_layers(working))
+    outcome = run_pipeline(working, regions, config, batches, tied_layers(working), group)
     result = regions[0].graph if untraced is None else working
     report = _report(outcome, config, regions, untraced)
     if batches is not None:
@@ -156,7 +164,7 @@ def transform(
     if inplace and untraced is None:
         install(model, outcome.layers)
     if heal_options:
-        report.heal = _heal(result, teacher, batches, outcome, heal_options, config)
+        report.heal = _heal(result, teacher, batches, outcome, heal_options, config, group)
     report.seconds = time.perf_counter() - started
     attach_report(result, report)
     publish(report, "" if untraced is None else f" (partial tracing: {len(regions)} regions)")
@@ -186,6 +194,7 @@ def _heal(
     outcome: Outcome,
     options: dict[str, Any],
     config: FactorizeConfig,
+    group: Any = None,
 ) -> Any:
     """Distil ``result`` toward ``teacher`` (see :func:`fxfactorize.heal`), end to end unless
     ``local_steps`` is given: each calibrated layer already is the closed-form optimum of the
@@ -194,6 +203,10 @@ def _heal(
     if not outcome.solved:
         return None
     options = {"local_steps": 0, **options}
+    if group is not None:
+        options.setdefault("process_group", group.handle)
+    else:
+        options.setdefault("distributed", False)
     return distil(result, teacher, batches, **{"progress": config.progress, **options})
 
 

@@ -6,6 +6,11 @@ Subcommands do one part each: ``plan``, ``transform --out DIR``, ``report DIR``,
 ``profile`` (the latency cost model's device profile: show, ``--remeasure``, ``--clear``).
 
 Exit codes: 0 ok, 2 usage error, 1 failure (one line on stderr; a traceback with ``--debug``).
+
+Under ``torchrun --nproc-per-node N -m fxfactorize transform ... --calibration FILE`` the processes
+join one gloo process group, each calibrates on its contiguous share of the file's batches, and
+all get the same model (see :mod:`fxfactorize.passes.distributed`); only rank 0 prints and writes
+``--out``.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tabulate import tabulate
 from torch import nn
+
+from fxfactorize.errors import DistributedError
 
 __all__ = ["build_model", "check_output_dir", "main", "measure_latency", "parse_input_shape"]
 
@@ -418,7 +426,43 @@ def _prepare(args: argparse.Namespace) -> _Run:
     model = build_model(args.model)
     example = torch.randn(shape)
     calibration = load_calibration(args.calibration, shape[0]) if args.calibration else None
+    if calibration is not None and dist.is_initialized():
+        calibration = share_of_batches(calibration, dist.get_rank(), dist.get_world_size())
     return _Run(args.model, model, example, config, calibration)
+
+
+def share_of_batches(batches: list, rank: int, size: int) -> list:
+    """Rank ``rank``'s contiguous share of ``batches`` among ``size`` ranks (the first ranks get
+    one more), so that the ranks' shares in rank order are ``batches``; ``UsageError`` when
+    there are fewer batches than ranks.
+
+    >>> [share_of_batches(list(range(5)), rank, 2) for rank in range(2)]
+    [[0, 1, 2], [3, 4]]
+    """
+    if len(batches) < size:
+        raise UsageError(
+            f"--calibration has {len(batches)} batch(es) for {size} processes; give at least "
+            "one batch per process"
+        )
+    base, extra = divmod(len(batches), size)
+    start = rank * base + min(rank, extra)
+    return batches[start : start + base + (rank < extra)]
+
+
+def _join_torchrun() -> bool:
+    """Initialise the default process group (gloo: the command line's models run on the CPU)
+    when launched by ``torchrun`` with several processes; return whether it was done here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return False
+    if not dist.is_available() or dist.is_initialized():
+        return False
+    dist.init_process_group("gloo")
+    return True
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process prints and writes: always, unless it is a later rank of a group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def check_output_dir(path: str) -> None:
@@ -474,6 +518,8 @@ def load_calibration(path: str, batch_size: int) -> list:
 
 
 def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
+    if not _is_rank_zero():  # under torchrun, rank 0 speaks for all
+        return 0
     if args.json:
         print(json.dumps(document, indent=2, default=str))
     else:
@@ -589,7 +635,7 @@ def _cmd_transform(args: argparse.Namespace, *, full_job: bool = False) -> int:
                 f"{_latency_table(times)}\n(eager, {torch.get_num_threads()} threads, "
                 f"median of {args.repeats} interleaved runs)"
             )
-    if args.out is not None:
+    if args.out is not None and _is_rank_zero():
         folder = ff.save(gm, args.out)
         document["saved_to"] = str(folder)
         text.append(f"saved to {folder} (load with fxfactorize.load(path, original_model))")
@@ -688,6 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse already printed the usage line
         return int(exit_.code or 0)
     handler = _configure_logging(args)
+    joined = False
     commands = {
         "plan": _cmd_plan,
         "transform": _cmd_transform,
@@ -697,6 +744,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         None: lambda a: _cmd_transform(a, full_job=True),
     }
     try:
+        joined = _join_torchrun()
         return commands[args.command](args)
     except UsageError as error:
         print(f"fxfactorize: error: {error} (see fxfactorize --help)", file=sys.stderr)
@@ -705,8 +753,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(f"fxfactorize: error: {type(error).__name__}: {message}", file=sys.stderr)
+        if _is_rank_zero() or not isinstance(error, DistributedError):  # said once, by rank 0
+            print(f"fxfactorize: error: {type(error).__name__}: {message}", file=sys.stderr)
         return 1
     finally:  # main() may be called repeatedly in one process (tests, notebooks)
+        if joined:
+            dist.destroy_process_group()
         logging.getLogger("fxfactorize").removeHandler(handler)
         logging.getLogger("fxfactorize").setLevel(logging.NOTSET)

@@ -92,6 +92,9 @@ class FactorizeConfig:
             data-free solution: ``"auto"`` (chosen per layer on held-out calibration folds,
             so scarce data never does worse than data-free there) or a fixed float in [0, 1]
             (0: trust the calibration data fully, 1: data-free).
+        distributed: when ``torch.distributed`` is initialised, run across the ranks of the
+            process group (statistics reduced, each layer solved by one rank and broadcast; see
+            :mod:`fxfactorize.passes.distributed`); ``False``: each process works alone.
 
     >>> FactorizeConfig(latent_features=64).latent_features
     64
@@ -120,6 +123,7 @@ class FactorizeConfig:
     propagate_error: bool = True
     sensitivity: bool = True
     shrinkage: str | float = "auto"
+    distributed: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -129,6 +133,7 @@ class FactorizeConfig:
             "functional",
             "propagate_error",
             "sensitivity",
+            "distributed",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "CalibrationError",
+    "DistributedError",
     "FactorizeError",
     "FactorizeWarning",
     "ShapePropagationError",
@@ -53,3 +54,20 @@ class CalibrationError(FactorizeError):
         self.batch_index = batch_index
         self.reason = reason
         super().__init__(f"calibration batch {batch_index} does not fit the model: {reason}")
+
+
+class DistributedError(FactorizeError):
+    """One or more ranks of a process group failed during ``step``; ``failures`` maps each failed
+    rank to its error, ``ranks`` lists them. Raised on every rank, so none waits for the others.
+
+    >>> print(DistributedError("calibration", {1: "ValueError: NaN in batch 0"}))
+    rank 1 failed during calibration: ValueError: NaN in batch 0
+    """
+
+    def __init__(self, step: str, failures: dict[int, str]) -> None:
+        self.step = step
+        self.failures = dict(failures)
+        self.ranks = sorted(failures)
+        super().__init__(
+            "; ".join(f"rank {rank} failed during {step}: {failures[rank]}" for rank in self.ranks)
+        )

@@ -288,3 +288,28 @@ def test_profile_names_an_environment_profile_and_rejects_bad_values(
     assert code == 2 and "--dtype" in err
     code, _, err = run(capsys, "profile", "--clear", "--remeasure")
     assert code == 2 and "not allowed with" in err
+
+
+def test_torchrun_shares_the_batches_and_rank_0_alone_prints_and_saves(
+    capsys, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import torch
+
+    torch.save(torch.randn(5, 64, 4, 4), tmp_path / "inputs.pt")
+    argv = [*SMALL, "--calibration", str(tmp_path / "inputs.pt"), "-q"]
+    code, _, _ = run(capsys, "transform", *argv, "--out", str(tmp_path / "one"))
+    assert code == 0
+    env = {**os.environ, "PYTHONPATH": str(tmp_path_factory.getbasetemp() / "cli_models")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "fxfactorize", "transform", *argv]
+    command += ["--out", str(tmp_path / "two")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("fxfactorize report") == 1  # rank 0 alone prints
+    assert result.stdout.count("saved to") == 1
+    one = torch.load(tmp_path / "one" / "weights.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "weights.pt", weights_only=True)
+    assert one.keys() == two.keys()
+    for key, value in one.items():
+        error = (two[key].double() - value.double()).norm() / value.double().norm()
+        assert error <= 1e-6, key

@@ -21,6 +21,12 @@ from fxfactorize.healing.losses import resolve_loss
 from fxfactorize.healing.prefix import split_frozen_prefix
 from fxfactorize.healing.report import HealReport
 from fxfactorize.healing.runs import Batches, Runs
+from fxfactorize.passes.distributed import (
+    Group,
+    average_gradients,
+    broadcast_parameters,
+)
+from fxfactorize.passes.distributed import process_group as group_of
 
 __all__ = ["HealReport", "heal"]
 
@@ -117,6 +123,8 @@ def heal(
     trainable: str = "factorized",
     eval_batches: Any = None,
     progress: bool = True,
+    process_group: Any = None,
+    distributed: bool = True,
 ) -> HealReport:
     """Train a factorized ``student`` (e.g. what :func:`fxfactorize.transform` returns) in place
     to compute what ``teacher`` (the original model) computes.
@@ -153,7 +161,13 @@ def heal(
             floating-point parameter of the student). Other parameters stay bitwise unchanged.
         eval_batches: held-out batches (same forms as ``batches``, all of them used twice: before
             and after); the report then gives the mean ``loss`` on them (no grad).
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (on rank 0 only, in a process group).
+        process_group: the ``torch.distributed`` process group to train in (default: the world
+            group, when one is initialised): each rank takes its own ``batches``, and at every
+            step the gradients (and the loss) are averaged over the ranks, as
+            ``DistributedDataParallel`` does, so all ranks end with identical weights. A rank
+            that fails makes every rank raise a :class:`~fxfactorize.errors.DistributedError`
+            naming it. ``distributed=False`` trains this process alone.
 
     Returns:
         A :class:`HealReport`.
@@ -187,6 +201,8 @@ def heal(
     """
     started = time.perf_counter()
     _check_arguments(student, teacher, steps, lr, local_steps, trainable)
+    group = group_of(distributed, process_group)
+    progress = progress and (group is None or group.rank == 0)
     loss_fn, objective = resolve_loss(loss)
     layers = factorized_layers(student)
     if not layers and trainable == "factorized":
@@ -254,9 +270,12 @@ def heal(
             before = None if held_out is None else _evaluate(student, teacher, held_out, loss_fn)
             for p in student.parameters():
                 p.requires_grad_(id(p) in trainable_ids)
-            _local_phase(runs, train, layers, local_steps, lr, report, bar)
+            broadcast_parameters(group, params)  # as DDP does: every rank starts from rank 0's
+            _local_phase(runs, train, layers, local_steps, lr, report, bar, group)
             runs.forget_layers()
-            _end_to_end_phase(runs, train, params, local_steps, steps, lr, loss_fn, report, bar)
+            _end_to_end_phase(
+                runs, train, params, local_steps, steps, lr, loss_fn, report, bar, group
+            )
             if held_out is not None:
                 report.eval_loss = (before, _evaluate(student, teacher, held_out, loss_fn))
     except BaseException:
@@ -290,19 +309,28 @@ def _local_phase(
     lr: float,
     report: HealReport,
     bar: Any,
+    group: Group | None = None,
 ) -> None:
     if local_steps == 0:
         return
     params = {id(p): p for layer in layers.values() for p in layer.parameters()}
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
     for step in range(local_steps):
-        index, batch = batches.take(step)
-        _, targets = runs.teacher(index, batch)
-        with torch.no_grad(), capture(layers, "inputs") as inputs:
-            runs.student(index, batch)
-        optimizer.zero_grad(set_to_none=True)
-        losses = fit_layers(layers, inputs, targets)
-        mean = sum(losses.values()) / len(losses)
+        losses: dict[str, float] = {}
+        error = None
+        try:
+            index, batch = batches.take(step)
+            _, targets = runs.teacher(index, batch)
+            with torch.no_grad(), capture(layers, "inputs") as inputs:
+                runs.student(index, batch)
+            optimizer.zero_grad(set_to_none=True)
+            losses = fit_layers(layers, inputs, targets)
+        except Exception as failure:
+            error = failure
+        mean = sum(losses.values()) / len(losses) if losses else math.nan
+        mean = average_gradients(
+            group, list(params.values()), mean, error, f"heal (local step {step})"
+        )
         _check_finite(mean, "local loss", step)
         optimizer.step()
         for name, value in losses.items():
@@ -321,17 +349,23 @@ def _end_to_end_phase(
     loss_fn: Callable,
     report: HealReport,
     bar: Any,
+    group: Group | None = None,
 ) -> None:
     if first_step == steps:
         return
     optimizer = torch.optim.Adam(params, lr=lr)
     for step in range(first_step, steps):
-        index, batch = batches.take(step)
-        target, _ = runs.teacher(index, batch)
-        value = _checked_loss(loss_fn(runs.student(index, batch), target))
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        number = float(value.detach())
+        number, error = math.nan, None
+        try:
+            index, batch = batches.take(step)
+            target, _ = runs.teacher(index, batch)
+            value = _checked_loss(loss_fn(runs.student(index, batch), target))
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            number = float(value.detach())
+        except Exception as failure:
+            error = failure
+        number = average_gradients(group, params, number, error, f"heal (step {step})")
         _check_finite(number, "end-to-end loss", step)
         optimizer.step()
         report.history.append(number)

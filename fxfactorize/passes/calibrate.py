@@ -148,6 +148,11 @@ class MomentCollector(fx.Interpreter):
         add_rows(self.folds[target], x, layer_rows(module, layer), call=call)
 
     @property
+    def calls(self) -> dict[str, int]:
+        """How many calls of each target were collected (a call's fold depends on its index)."""
+        return dict(self._calls)
+
+    @property
     def moments(self) -> dict[str, InputMoments]:
         """All rows' statistics per target (the folds summed)."""
         return {target: sum_statistics(folds) for target, folds in self.folds.items()}

@@ -20,20 +20,33 @@ from fxfactorize.core.moments import InputMoments
 from fxfactorize.core.shrinkage import sum_statistics
 from fxfactorize.layers import layer_kind
 from fxfactorize.methods import Solved
-from fxfactorize.passes.calibrate import MomentCollector, calibration_warnings, run_calibration
+from fxfactorize.passes.calibrate import (
+    FOLDS,
+    MomentCollector,
+    calibration_warnings,
+    run_calibration,
+)
 from fxfactorize.passes.cost import annotate_costs
+from fxfactorize.passes.distributed import (
+    Group,
+    agree,
+    first_index,
+    reduce_folds,
+    reduce_sums,
+    step,
+)
 from fxfactorize.passes.functional import convert_functional_layers
 from fxfactorize.passes.plan import LayerEntry, candidate_targets, layer_entries, plan_layers
 from fxfactorize.passes.regions import Region
 from fxfactorize.passes.rewrite import install, rewrite
 from fxfactorize.passes.runner import StandIn
-from fxfactorize.passes.sensitivity import error_weights, output_gains
+from fxfactorize.passes.sensitivity import error_weights, output_gain_sums
 from fxfactorize.passes.sequential import solve_sequentially
 from fxfactorize.passes.shapes import propagate_shapes
 from fxfactorize.passes.solve import solve_layers, solved_records
 from fxfactorize.report import LayerRecord, Plan
 
-__all__ = ["Outcome", "analyse", "calibrate_regions", "plan_regions", "run_pipeline"]
+__all__ = ["Collected", "Outcome", "analyse", "calibrate_regions", "plan_regions", "run_pipeline"]
 
 
 def analyse(region: Region, config: FactorizeConfig) -> Region:
@@ -66,6 +79,16 @@ def plan_regions(
     return plan_layers(entries, config, moments=moments), entries
 
 
+@dataclasses.dataclass
+class Collected:
+    """What calibration collected: ``folds`` (``{target: statistics per fold}``), ``calls``
+    (``{target: calls collected}``) and the number of ``batches`` run."""
+
+    folds: dict[str, list[InputMoments]]
+    calls: dict[str, int]
+    batches: int
+
+
 def calibrate_regions(
     model: nn.Module,
     regions: list[Region],
@@ -73,7 +96,7 @@ def calibrate_regions(
     targets: Iterable[str],
     batches: Iterable[Any],
     progress: bool = True,
-) -> dict[str, list[InputMoments]]:
+) -> Collected:
     """Input moments of the Linear/Conv layers ``targets`` (model names), in
     :data:`~fxfactorize.passes.calibrate.FOLDS` disjoint folds, collected while the model runs
     ``batches``: the whole model's graph, or the model itself with each region standing in
@@ -90,7 +113,7 @@ def calibrate_regions(
     if regions[0].name == "":  # the root traced whole
         gm, collector = regions[0].graph, collectors[""]
         with evaluation_mode(gm):
-            run_calibration(
+            seen = run_calibration(
                 batches,
                 lambda batch: collector.run(*normalize_inputs(gm, batch)),
                 name_of=names.get,
@@ -103,7 +126,7 @@ def calibrate_regions(
         undo = install(model, stand_ins)
         try:
             with evaluation_mode(model):
-                run_calibration(
+                seen = run_calibration(
                     batches,
                     lambda batch: call_model(model, batch),
                     name_of=names.get,
@@ -111,11 +134,19 @@ def calibrate_regions(
                 )
         finally:
             undo()
-    return {
-        region.qualify(target): folds
-        for region in regions
-        for target, folds in collectors[region.name].folds.items()
-    }
+    return Collected(
+        {
+            region.qualify(target): folds
+            for region in regions
+            for target, folds in collectors[region.name].folds.items()
+        },
+        {
+            region.qualify(target): calls
+            for region in regions
+            for target, calls in collectors[region.name].calls.items()
+        },
+        seen,
+    )
 
 
 def _region_of(entry: LayerEntry, regions: list[Region]) -> Region:
@@ -145,6 +176,7 @@ def run_pipeline(
     config: FactorizeConfig,
     batches: Iterable[Any] | None,
     tied: dict[str, str],
+    group: Group | None = None,
 ) -> Outcome:
     """Analyse, calibrate (when ``batches`` is given), plan, solve and rewrite ``regions`` of
     ``model``. The region graphs are rewritten; ``model`` itself is not changed.
@@ -152,24 +184,41 @@ def run_pipeline(
     With ``batches``: the tolerance/budget policies replan on every candidate's statistics (and,
     with ``config.sensitivity``, on each layer's measured effect on the output); the layers are
     then solved independently on them or, with ``config.propagate_error``, in graph order (see
-    :mod:`fxfactorize.passes.sequential`)."""
-    the_plan, entries = plan_regions(regions, config, tied)
+    :mod:`fxfactorize.passes.sequential`).
+
+    With a ``group`` (see :mod:`fxfactorize.passes.distributed`), ``batches`` are this rank's:
+    statistics are reduced over the ranks, rank 0's plan is every rank's, each layer is solved
+    by its owner rank, and the outcome is the same on every rank."""
+    if group is not None and group.rank != 0:
+        config = config.replace(progress=False)  # one progress bar, on rank 0
+    with step(group, "planning"):
+        the_plan, entries = plan_regions(regions, config, tied)
+    the_plan = _agreed(group, the_plan)
     layers = {entry.target: (entry.site.module, entry.site.layer) for entry in entries}
     if batches is None:
-        solved, shared_with = solve_layers(layers, the_plan, None, config.progress)
+        solved, shared_with = solve_layers(layers, the_plan, None, config.progress, group=group)
         moments = None
     else:
         if config.propagate_error and not isinstance(batches, (list, tuple)):
             batches = list(batches)  # the error-propagating solve runs them once per wave
-        the_plan, folds = _calibrated_plan(model, regions, entries, the_plan, config, batches)
+        the_plan, folds = _calibrated_plan(
+            model, regions, entries, the_plan, config, batches, group
+        )
         if config.propagate_error and the_plan.factorized:
             solved, shared_with, paired = solve_sequentially(
-                model, regions, entries, the_plan, batches, config.shrinkage, config.progress
+                model,
+                regions,
+                entries,
+                the_plan,
+                batches,
+                config.shrinkage,
+                config.progress,
+                group=group,
             )
             moments = {target: stats.inputs for target, stats in paired.items()}
         else:
             solved, shared_with = solve_layers(
-                layers, the_plan, folds, config.progress, config.shrinkage
+                layers, the_plan, folds, config.progress, config.shrinkage, group=group
             )
             moments = {target: sum_statistics(parts) for target, parts in folds.items()}
     records = solved_records(the_plan, solved, shared_with)
@@ -217,10 +266,12 @@ def _calibrated_plan(
     the_plan: Plan,
     config: FactorizeConfig,
     batches: Iterable[Any],
+    group: Group | None = None,
 ) -> tuple[Plan, dict[str, list[InputMoments]]]:
     """The plan made with the calibration statistics (tolerance/budget policies predict errors
-    from those of every candidate) and the folds of the statistics collected for it. With
-    ``propagate_error`` and a fixed-rank policy nothing needs collecting here."""
+    from those of every candidate) and the folds of the statistics collected for it (reduced
+    over the ranks of ``group``). With ``propagate_error`` and a fixed-rank policy nothing
+    needs collecting here."""
     replan = config.tolerance is not None or config.budget is not None
     if not replan and config.propagate_error and the_plan.factorized:
         return the_plan, {}  # the sequential solve collects what it needs (and checks the batches)
@@ -229,16 +280,42 @@ def _calibrated_plan(
         if replan
         else [record.target for record in the_plan.factorized]
     )
-    folds = calibrate_regions(model, regions, entries, targets, batches, config.progress)
+    with step(group, "calibration"):
+        collected = calibrate_regions(model, regions, entries, targets, batches, config.progress)
+    by_target = {entry.target: entry for entry in entries}
+
+    def empty(target: str) -> list[InputMoments]:
+        layer, module = by_target[target].site.layer, by_target[target].site.module
+        device = next(iter(module.parameters())).device
+        return [InputMoments.zeros(layer.fan_in, layer.groups, device) for _ in range(FOLDS)]
+
+    folds = reduce_folds(
+        group, collected.folds, collected.calls, empty, keep_folds=config.shrinkage == "auto"
+    )
     if not replan:
         return the_plan, folds
     moments = {target: sum_statistics(parts) for target, parts in folds.items()}
     weights = None
     if config.sensitivity:
-        gains = output_gains(model, regions, entries, moments, batches)
+        first = first_index(group, collected.batches)
+        with step(group, "sensitivity"):
+            sums = output_gain_sums(model, regions, entries, moments, batches, first)
+        sums = reduce_sums(group, sums)
+        gains = {target: total / count if count else 0.0 for target, (total, count) in sums.items()}
         modules = {entry.target: entry.site.module for entry in entries if entry.target in moments}
         weights = error_weights(gains, modules, moments)
-    return plan_layers(entries, config, moments=moments, weights=weights), folds
+    with step(group, "planning"):
+        the_plan = plan_layers(entries, config, moments=moments, weights=weights)
+    return _agreed(group, the_plan), folds
+
+
+def _agreed(group: Group | None, the_plan: Plan) -> Plan:
+    """Rank 0's plan on every rank: a cost model that measures the machine (``"latency"``) may
+    decide otherwise on another rank's machine, and the ranks must factorize alike."""
+    if group is None:
+        return the_plan
+    layers, warnings = agree(group, (the_plan.layers, the_plan.warnings))
+    return Plan(layers, the_plan.config, warnings)
 
 
 def _rewrite(

@@ -29,7 +29,7 @@ from fxfactorize.passes.plan import LayerEntry
 from fxfactorize.passes.regions import Region
 from fxfactorize.passes.runner import running
 
-__all__ = ["error_weights", "output_gains", "output_variance_energy"]
+__all__ = ["error_weights", "output_gain_sums", "output_gains", "output_variance_energy"]
 
 log = logging.getLogger("fxfactorize")
 
@@ -43,6 +43,21 @@ def output_gains(
 ) -> dict[str, float]:
     """``{target: g_l}`` (see the module docstring) over ``batches``; a layer that does not reach
     the output gets 0. ``model`` is not changed (no parameter gradient is kept)."""
+    sums = output_gain_sums(model, regions, entries, targets, batches)
+    return {target: squared / count if count else 0.0 for target, (squared, count) in sums.items()}
+
+
+def output_gain_sums(
+    model: nn.Module,
+    regions: list[Region],
+    entries: Sequence[LayerEntry],
+    targets: Iterable[str],
+    batches: Iterable[Any],
+    first_batch: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """``{target: (Σ ‖J_lᵀ v‖², n_l summed)}`` over ``batches``: the sums whose ratio is
+    :func:`output_gains`' ``g_l`` (sums add up across processes). Batch ``i``'s probe is drawn
+    from seed ``first_batch + i``, its index in the union of all processes' batches."""
     by_target = {entry.target: entry for entry in entries}
     modules: dict[int, tuple[nn.Module, list[str]]] = {}
     for target in targets:
@@ -62,7 +77,7 @@ def output_gains(
 
         return hook
 
-    index = -1
+    index = first_batch - 1
 
     def run_batch(batch: Any) -> None:
         nonlocal index
@@ -99,11 +114,10 @@ def output_gains(
         finally:
             for handle in handles:
                 handle.remove()
-    gains = {}
+    sums = {}
     for key, (_, names) in modules.items():
-        gain = squared[key] / elements[key] if elements[key] else 0.0
-        gains.update(dict.fromkeys(names, gain))
-    return gains
+        sums.update(dict.fromkeys(names, (squared[key], float(elements[key]))))
+    return sums
 
 
 def output_variance_energy(module: nn.Module, moments: InputMoments) -> float:

@@ -21,6 +21,7 @@ region's call, as it was and with the earlier regions' solved layers in place.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -31,8 +32,10 @@ from tqdm.auto import tqdm
 
 from fxfactorize.calling import normalize_inputs
 from fxfactorize.core.moments import PairedMoments
+from fxfactorize.core.shrinkage import sum_statistics
 from fxfactorize.methods import Solved
 from fxfactorize.passes.calibrate import FOLDS, add_rows, layer_rows, run_calibration
+from fxfactorize.passes.distributed import Group, reduce_folds, solve_owned, step
 from fxfactorize.passes.plan import LayerEntry
 from fxfactorize.passes.regions import Region
 from fxfactorize.passes.rewrite import install
@@ -270,11 +273,14 @@ def solve_sequentially(
     batches: Iterable[Any],
     shrinkage: float | str,
     progress: bool = True,
+    group: Group | None = None,
 ) -> tuple[dict[str, Solved], dict[str, str], dict[str, PairedMoments]]:
     """Solve ``plan``'s factorized layers wave by wave on paired statistics over ``batches``.
 
     Returns ``({target: Solved}, {target: the target it shares its module with},
-    {target: PairedMoments})``; ``model`` and the region graphs are left as they were.
+    {target: PairedMoments})``; ``model`` and the region graphs are left as they were. With a
+    ``group``, each wave's statistics are reduced over the ranks before it is solved (each
+    layer by its owner rank), so every rank runs the next wave with the same solved layers.
     """
     by_target = {entry.target: entry for entry in entries}
     records: dict[str, LayerRecord] = {}
@@ -292,8 +298,18 @@ def solve_sequentially(
     statistics: dict[str, PairedMoments] = {}
     replaced: dict[nn.Module, nn.Module] = {}
     bar = tqdm(total=len(records), desc="calibrate+solve", unit="layer", disable=not progress)
+    geometry = {
+        target: (by_target[target].site.module, by_target[target].site.layer) for target in records
+    }
+
+    def empty(target: str) -> list[PairedMoments]:
+        module, layer = geometry[target]
+        device = next(iter(module.parameters())).device
+        return [PairedMoments.zeros(layer.fan_in, layer.groups, device) for _ in range(FOLDS)]
+
     with torch.no_grad(), running(model, regions) as (root, run), bar:
-        originals = _original_inputs(regions, run, batches)
+        with step(group, "propagate_error: original inputs"):
+            originals = _original_inputs(regions, run, batches)
         for region in regions:
             local = {
                 target: by_target[target].local
@@ -302,24 +318,37 @@ def solve_sequentially(
             }
             if not local:
                 continue
-            original = originals[region.name]
-            compressed = _compressed_inputs(region, original, root, run, replaced, batches)
-            graph = _DualGraph(
-                region.graph, [call for calls in original for call in calls], compressed
-            )
-            for wave in waves:
+            with step(group, f"propagate_error: inputs of region {region.name or '(root)'}"):
+                original = originals[region.name]
+                compressed = _compressed_inputs(region, original, root, run, replaced, batches)
+                graph = _DualGraph(
+                    region.graph, [call for calls in original for call in calls], compressed
+                )
+            for number, wave in enumerate(waves):
                 wave = [target for target in wave if target in local]
                 if not wave:
                     continue
-                pairs = graph.inputs_of(local[target] for target in wave)
-                for target in wave:
-                    entry = by_target[target]
-                    folds = _paired_folds(target, entry, pairs.get(local[target], []))
-                    solved[target] = solve_layer(
-                        records[target], entry.site.module, entry.site.layer, folds, shrinkage
+                with step(group, f"propagate_error: calibration of wave {number}"):
+                    pairs = graph.inputs_of(local[target] for target in wave)
+                    found = {
+                        target: _paired_folds(
+                            target, by_target[target], pairs.get(local[target], [])
+                        )
+                        for target in wave
+                    }
+                calls = {target: len(pairs.get(local[target], [])) for target in wave}
+                folds = reduce_folds(group, found, calls, empty, keep_folds=shrinkage == "auto")
+                jobs = {
+                    target: functools.partial(
+                        solve_layer, records[target], *geometry[target], folds[target], shrinkage
                     )
-                    statistics[target] = folds[0] + folds[1]
-                    replaced[entry.site.module] = solved[target].module
+                    for target in wave
+                }
+                results = solve_owned(group, jobs, geometry, progress=False)
+                for target in wave:
+                    solved[target] = results[target]
+                    statistics[target] = sum_statistics(folds[target])
+                    replaced[by_target[target].site.module] = solved[target].module
                     graph.replaced[local[target]] = solved[target].module
                     bar.update()
     for target, first in shared_with.items():

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 
 from torch import fx, nn
-from tqdm.auto import tqdm
 
 from fxfactorize.core.moments import InputMoments, Statistics
 from fxfactorize.core.shrinkage import choose_shrinkage, sum_statistics
 from fxfactorize.layers import LayerShape, grouped_weight
 from fxfactorize.methods import Solved, get_method
 from fxfactorize.passes.cost import LAYER_META
+from fxfactorize.passes.distributed import Group, solve_owned
 from fxfactorize.report import LayerRecord, Plan
 
 __all__ = ["solve_layer", "solve_layers", "solve_plan", "solved_records"]
@@ -77,26 +78,32 @@ def solve_layers(
     moments: Mapping[str, Statistics | Sequence[Statistics]] | None = None,
     progress: bool = True,
     shrinkage: float | str = 0.0,
+    group: Group | None = None,
 ) -> tuple[dict[str, Solved], dict[str, str]]:
     """Solve each factorized record of ``plan``, its module and geometry taken from ``layers``
     (``{target: (module, LayerShape)}``) and its statistics (or their folds) from ``moments``;
     see :func:`solve_layer`. A module object planned under several targets is solved
     once: the later targets get the same :class:`Solved` and appear in the second result,
-    ``{target: the target it shares with}``.
+    ``{target: the target it shares with}``. With a ``group``, each layer is solved on its
+    owner rank and every rank gets every result (see :func:`~fxfactorize.passes.distributed.solve_owned`).
     """
-    solved: dict[str, Solved] = {}
     first_target: dict[int, str] = {}
     shared_with: dict[str, str] = {}
-    records = plan.factorized
-    for record in tqdm(records, desc="solve", unit="layer", disable=not progress or not records):
+    jobs = {}
+    for record in plan.factorized:
         module, layer = layers[record.target]
         if id(module) in first_target:
             shared_with[record.target] = first_target[id(module)]
-            solved[record.target] = solved[shared_with[record.target]]
             continue
         first_target[id(module)] = record.target
         stats = None if moments is None else moments.get(record.target)
-        solved[record.target] = solve_layer(record, module, layer, stats, shrinkage)
+        jobs[record.target] = functools.partial(
+            solve_layer, record, module, layer, stats, shrinkage
+        )
+    solved = solve_owned(group, jobs, layers, progress)
+    for record in plan.factorized:  # in plan order, shared targets included
+        solved[record.target] = solved[shared_with.get(record.target, record.target)]
+    solved = {record.target: solved[record.target] for record in plan.factorized}
     return solved, shared_with
 
 
