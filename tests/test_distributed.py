@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import re
 import socket
 import time
 
@@ -311,7 +312,7 @@ def test_a_failing_rank_makes_every_rank_raise_naming_it(ranks):
         failure = got["failure"]
         assert failure["error"] == "DistributedError", failure
         assert failure["ranks"] == [failing]
-        assert f"rank {failing} failed during calibration" in failure["message"]
+        assert re.search(rf"rank {failing} failed during .*calibration", failure["message"])
         assert failure["seconds"] < TIMEOUT_S
         assert failure["untouched"]
     assert "NaN or Inf" in ranks[0]["failure"]["message"]  # the failing rank's own error
