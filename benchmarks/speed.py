@@ -4,14 +4,24 @@ For each model and batch size, in one process: ``transform`` (timed), then origi
 transformed forward passes interleaved, median over repeats, eager and (``--compile``) under
 ``torch.compile``. "MAC limit" is MACs before ÷ after over the Linear/Conv layers: the speedup
 if time were proportional to MACs. "realized ÷ limit" is the measured speedup divided by it.
+"predicted ratio" is the report's whole-model latency prediction (``report.latency.ratio``: the
+original timed once inside ``transform``, each planned layer at the cost model's ratio);
+"measured ratio" the interleaved medians' transformed ÷ original; "|pred−meas|/meas" the
+prediction's relative error (issue 17 target: ≤ 15 %). The prediction is of eager time: compiled
+rows compare it with a different execution.
 
     uv run python benchmarks/speed.py --quick            # wide MLP + resnet50 at batch 1, eager
     uv run python benchmarks/speed.py --device cuda --compile
+    uv run python benchmarks/speed.py --models resnet18 resnet50 wide_mlp --batch-sizes 1 8 \
+        --mlp-batch 0 --threads 1 2 --budget 0.538     # issue 17's predicted-vs-measured table
+    uv run --group bench python benchmarks/speed.py --models minilm --threads 1 2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,8 +42,32 @@ def wide_mlp() -> nn.Module:
     return nn.Sequential(*blocks)
 
 
+def minilm() -> nn.Module:
+    """MiniLM-L6's encoder with mean pooling (needs the ``bench`` uv group)."""
+    from real_models import MeanPooledEncoder, load_minilm
+
+    return MeanPooledEncoder(load_minilm()[0].auto_model)
+
+
+def minilm_inputs(batch: int) -> dict[str, torch.Tensor]:
+    """``batch`` × 64 random tokens (the issue's 32 × 64)."""
+    shape = (batch, 64)
+    return {
+        "input_ids": torch.randint(1000, 30000, shape),
+        "attention_mask": torch.ones(shape, dtype=torch.long),
+        "token_type_ids": torch.zeros(shape, dtype=torch.long),
+    }
+
+
+def image(batch: int) -> torch.Tensor:
+    return torch.randn(batch, 3, 224, 224)
+
+
 MODELS = {
     "wide_mlp": (wide_mlp, lambda batch: torch.randn(batch, 2048)),
+    "resnet18": (torchvision.models.resnet18, image),
+    "mobilenet_v3_large": (torchvision.models.mobilenet_v3_large, image),
+    "minilm": (minilm, minilm_inputs),
     "vit_b_16": (torchvision.models.vit_b_16, lambda batch: torch.randn(batch, 3, 224, 224)),
     "resnet50": (torchvision.models.resnet50, lambda batch: torch.randn(batch, 3, 224, 224)),
     "convnext_tiny": (
@@ -43,36 +77,43 @@ MODELS = {
 }
 
 
+def call(fn, x):
+    return fn(**x) if isinstance(x, dict) else fn(x)
+
+
 def interleaved_medians(first, second, x, repeats: int, sync) -> tuple[float, float]:
     """Median seconds of ``first(x)`` and ``second(x)``, alternating calls so load hits both."""
     times: tuple[list[float], list[float]] = ([], [])
     with torch.no_grad():
         for fn in (first, second):  # warm-up (and compilation)
-            fn(x)
-            fn(x)
+            call(fn, x)
+            call(fn, x)
         for _ in range(repeats):
             for fn, samples in ((first, times[0]), (second, times[1])):
                 sync()
                 start = time.perf_counter()
-                fn(x)
+                call(fn, x)
                 sync()
                 samples.append(time.perf_counter() - start)
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def run(args: argparse.Namespace) -> list[list[object]]:
+def run(args: argparse.Namespace, threads: int) -> list[list[object]]:
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     rows = []
     for name in args.models:
         build, make_input = MODELS[name]
         for batch in args.batch_sizes:
-            if name == "wide_mlp" and batch != args.batch_sizes[0] and args.mlp_batch_only:
+            fixed = {"wide_mlp": args.mlp_batch, "minilm": 32}.get(name)
+            if fixed and batch != args.batch_sizes[0]:
                 continue
-            batch = args.mlp_batch if name == "wide_mlp" else batch
+            batch = fixed or batch
             torch.manual_seed(0)
             model = build().eval().to(args.device)
-            x = make_input(batch).to(args.device)
-            options = {"progress": False, "cost_model": args.cost_model}
+            x = make_input(batch)
+            x = {k: v.to(args.device) for k, v in x.items()} if isinstance(x, dict) else x
+            x = x if isinstance(x, dict) else x.to(args.device)
+            options = {"progress": False, "cost_model": args.cost_model, "predict_latency": True}
             if args.budget is not None:
                 options["budget"] = args.budget
             if args.rank_multiple > 1:
@@ -80,7 +121,9 @@ def run(args: argparse.Namespace) -> list[list[object]]:
             start = time.perf_counter()
             gm = ff.transform(model, x, **options)
             seconds = time.perf_counter() - start
-            totals = gm.meta["fxfactorize"].totals()
+            report = gm.meta["fxfactorize"]
+            totals = report.totals()
+            predicted = report.latency.ratio
             limit = totals["macs_before"] / totals["macs_after"]
             modes = [("eager", model, gm)]
             if args.compile:
@@ -88,14 +131,19 @@ def run(args: argparse.Namespace) -> list[list[object]]:
             for mode, original, transformed in modes:
                 before, after = interleaved_medians(original, transformed, x, args.repeats, sync)
                 speedup = before / after
+                measured = after / before
                 rows.append(
                     [
                         name,
                         batch,
+                        threads,
                         mode,
                         f"{before * 1e3:.1f}",
                         f"{after * 1e3:.1f}",
-                        f"{after / before:.2f}",
+                        f"{predicted:.3f}",
+                        f"{measured:.3f}",
+                        f"{abs(predicted - measured) / measured:.0%}",
+                        f"{report.latency.layers_ratio:.3f}",
                         f"{1 / limit:.3f}",
                         f"{limit:.2f}",
                         f"{speedup / limit:.2f}",
@@ -104,18 +152,20 @@ def run(args: argparse.Namespace) -> list[list[object]]:
                     ]
                 )
                 print(tabulate([rows[-1]], tablefmt="plain"), flush=True)
-            if name == "wide_mlp":
-                break  # the issue fixes its batch at 64
     return rows
 
 
 HEADERS = [
     "model",
     "batch",
+    "threads",
     "mode",
     "original ms",
     "transformed ms",
-    "latency ratio",
+    "predicted ratio",
+    "measured ratio",
+    "|pred−meas|/meas",
+    "layers' predicted ratio",
     "MAC ratio",
     "MAC limit ×",
     "realized ÷ limit",
@@ -129,26 +179,29 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
-    parser.add_argument("--mlp-batch", type=int, default=64)
+    parser.add_argument("--mlp-batch", type=int, default=64, help="0: the --batch-sizes")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--compile", action="store_true", help="also time under torch.compile")
     parser.add_argument("--cost-model", default="latency")
     parser.add_argument("--budget", type=float, default=None)
     parser.add_argument("--rank-multiple", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", nargs="+", type=int, default=[1], help="CPU thread counts (0: torch's default)"
+    )
     parser.add_argument("--quick", action="store_true", help="wide MLP and resnet50, batch 1")
     parser.add_argument("--out", default=None, help="write the table as Markdown here")
     args = parser.parse_args()
-    args.mlp_batch_only = True
     if args.quick:
         args.models, args.batch_sizes, args.repeats = ["wide_mlp", "resnet50"], [1], 5
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = run(args)
+    default_threads = torch.get_num_threads()
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads or default_threads)
+        rows += run(args, torch.get_num_threads())
     machine = (
         torch.cuda.get_device_name()
         if args.device == "cuda"
-        else f"CPU, {torch.get_num_threads()} thread(s)"
+        else f"{platform.machine()} CPU, {os.cpu_count()} cores"
     )
     table = tabulate(rows, HEADERS, tablefmt="github")
     text = (

@@ -12,9 +12,11 @@ from torch import fx, nn
 from fxfactorize.calling import check_example_inputs
 from fxfactorize.config import FactorizeConfig
 from fxfactorize.healing import heal as distil
+from fxfactorize.layers import layer_kind
 from fxfactorize.optimizers import as_optimizer_list, update_optimizers
 from fxfactorize.passes.calibrate import calibration_batches
 from fxfactorize.passes.distributed import process_group as group_of
+from fxfactorize.passes.latency import latency_of, time_original, wants_prediction
 from fxfactorize.passes.pipeline import Outcome, plan_regions, run_pipeline
 from fxfactorize.passes.regions import Region, regions_of
 from fxfactorize.passes.rewrite import has_submodule, install
@@ -39,6 +41,15 @@ def _check_model(model: Any) -> None:
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
 
 
+def _time_layers(model: nn.Module, example_inputs: Any, config: FactorizeConfig) -> Any:
+    """The original model's timing (whole and per Linear/Conv layer), or ``None`` if
+    ``config`` does not want the latency predicted (see :mod:`fxfactorize.passes.latency`)."""
+    if not wants_prediction(config, model):
+        return None
+    targets = [name for name, module in model.named_modules() if layer_kind(module)]
+    return time_original(model, example_inputs, targets)
+
+
 def plan(
     model: nn.Module,
     example_inputs: Any,
@@ -50,6 +61,9 @@ def plan(
 
     ``print(plan(...))`` shows, per Linear/Conv layer, its shape, the chosen rank and the MACs and
     parameters before/after, or the reason it is left alone. ``model`` is not changed.
+    Unless the device profile is pinned, the original model is timed on ``example_inputs`` (a
+    few forward passes) and ``plan.latency`` predicts the whole model's latency ratio as planned
+    (see :class:`~fxfactorize.FactorizeConfig`'s ``predict_latency``).
 
     >>> import torch
     >>> model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 10))
@@ -60,12 +74,15 @@ def plan(
     _check_model(model)
     config = FactorizeConfig.build(config, **overrides)
     check_example_inputs(example_inputs)
+    timing = _time_layers(model, example_inputs, config)
     regions, untraced = regions_of(model, example_inputs, config)
     the_plan, _ = plan_regions(regions, config, tied_layers(model))
-    if untraced is None:
-        return the_plan
-    names = [region.name for region in regions]
-    return PartialPlan(the_plan.layers, config, names, untraced, the_plan.warnings)
+    if untraced is not None:
+        names = [region.name for region in regions]
+        the_plan = PartialPlan(the_plan.layers, config, names, untraced, the_plan.warnings)
+    if timing is not None:
+        the_plan.latency = latency_of(timing, the_plan.layers)
+    return the_plan
 
 
 def transform(
@@ -145,12 +162,15 @@ def transform(
     batches = None if calibration is None else calibration_batches(calibration)
     if heal_options and config.propagate_error and not isinstance(batches, (list, tuple)):
         batches = list(batches)  # calibrated, then healed on: read them once
+    timing = _time_layers(model, example_inputs, config)  # before anything changes it
     teacher = copy.deepcopy(model) if heal_options and inplace else model
     working = model if inplace else copy.deepcopy(model)
     regions, untraced = regions_of(working, example_inputs, config)
     outcome = run_pipeline(working, regions, config, batches, tied_layers(working), group)
     result = regions[0].graph if untraced is None else working
     report = _report(outcome, config, regions, untraced)
+    if timing is not None:
+        report.latency = latency_of(timing, report.layers)
     if batches is not None:
         report.calibration = "propagate_error" if config.propagate_error else "independent"
     replaced = {t: model.get_submodule(t) for t in outcome.solved if has_submodule(model, t)}

@@ -95,6 +95,12 @@ class FactorizeConfig:
         distributed: when ``torch.distributed`` is initialised, run across the ranks of the
             process group (statistics reduced, each layer solved by one rank and broadcast; see
             :mod:`fxfactorize.passes.distributed`); ``False``: each process works alone.
+        predict_latency: time the original model once on the example inputs (a few forward
+            passes, and each Linear/Conv layer inside them) and report the whole model's
+            predicted latency ratio as planned (``Plan.latency``). ``None`` (default): unless the
+            device profile is pinned (``set_device_profile`` or ``$FXFACTORIZE_DEVICE_PROFILE``,
+            as in tests: a timing is never reproducible) and no timer was injected
+            (:func:`fxfactorize.costmodels.set_model_timer`).
 
     >>> FactorizeConfig(latent_features=64).latent_features
     64
@@ -124,6 +130,7 @@ class FactorizeConfig:
     sensitivity: bool = True
     shrinkage: str | float = "auto"
     distributed: bool = True
+    predict_latency: bool | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -142,6 +149,10 @@ class FactorizeConfig:
         for name in ("latent_features", "latent_channels"):
             object.__setattr__(self, name, validate_latent_size(getattr(self, name), name))
         self._validate_rank_policy()
+        if self.predict_latency is not None and not isinstance(self.predict_latency, bool):
+            raise ValueError(
+                f"predict_latency must be None or a bool; got {self.predict_latency!r}"
+            )
         if self.on_untraceable not in ("descend", "raise"):
             raise ValueError(
                 f"on_untraceable must be 'descend' or 'raise'; got {self.on_untraceable!r}"

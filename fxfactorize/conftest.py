@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from fxfactorize.costmodels import DeviceProfile, set_device_profile
+from fxfactorize.costmodels import DeviceProfile, set_device_profile, set_model_timer
 from fxfactorize.costmodels.roofline import PROFILE_ENV
 
 # A CPU of 50 GFLOP/s and 10 GB/s with no per-call cost, so small test models are judged by
@@ -49,3 +49,4 @@ def _pinned_device_profile(request: pytest.FixtureRequest):
             os.environ[PROFILE_ENV] = _REAL_PROFILE_ENV
     yield
     _pin_test_profile()  # whatever the test pinned or unpinned
+    set_model_timer(None)  # and whatever timer it injected

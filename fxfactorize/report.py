@@ -13,6 +13,7 @@ from typing import Any
 from tabulate import tabulate
 
 from fxfactorize.config import FactorizeConfig
+from fxfactorize.costmodels.whole import LatencyPrediction
 from fxfactorize.errors import FactorizeWarning
 
 __all__ = [
@@ -80,6 +81,9 @@ class LayerRecord:
     #: data-aware only: how far the calibration statistics were blended toward data-free (0: not
     #: at all, 1: the data-free solution), chosen on held-out calibration folds or given
     shrinkage: float | None = None
+    #: factorized only: the layer's predicted seconds as planned ÷ as it is (the cost model's own
+    #: ratio for a cost model in seconds; the latency roofline's under ``cost_model="macs"``)
+    latency_ratio: float | None = None
 
     @property
     def factorized(self) -> bool:
@@ -158,6 +162,9 @@ class _LayerTable:
 
     def __init__(self, layers: Iterable[LayerRecord], warnings: Iterable[str] = ()) -> None:
         self.layers = list(layers)
+        #: the whole model's predicted latency as planned (a
+        #: :class:`~fxfactorize.costmodels.LatencyPrediction`), or ``None`` if it was not timed
+        self.latency: Any = None
         #: what a user must know about the result (a budget not met, too little calibration data)
         self.warnings = list(warnings)
 
@@ -181,6 +188,19 @@ class _LayerTable:
             "params_after": after_p,
         }
 
+    def latency_summary(self) -> str:
+        """The predicted latency line of the summary ("" when the model was not timed)."""
+        if self.latency is None:
+            return ""
+        p = self.latency
+        return (
+            f"; predicted latency {p.ratio:.3f}× of the whole model ({p.measured_s * 1e3:.1f} ms "
+            f"→ {p.predicted_s * 1e3:.1f} ms), {p.layers_ratio:.3f}× of its Linear/Conv layers' "
+            f"seconds ({p.layers_s / p.measured_s:.0%} of the time)"
+            if p.measured_s > 0
+            else ""
+        )
+
     def summary(self) -> str:
         t = self.totals()
         mac_ratio = t["macs_after"] / t["macs_before"] if t["macs_before"] else 1.0
@@ -189,7 +209,7 @@ class _LayerTable:
             f"{len(self.factorized)} of {len(self.layers)} Linear/Conv layers factorized; "
             f"MACs {format_count(t['macs_before'])} → {format_count(t['macs_after'])} "
             f"({mac_ratio:.3f}×), params {format_count(t['params_before'])} → "
-            f"{format_count(t['params_after'])} ({param_ratio:.3f}×)"
+            f"{format_count(t['params_after'])} ({param_ratio:.3f}×){self.latency_summary()}"
         )
 
     def __str__(self) -> str:
@@ -244,6 +264,7 @@ class _LayerTable:
             "totals": self.totals(),
             "layers": [record.to_dict() for record in self.layers],
             "warnings": list(self.warnings),
+            "latency": None if self.latency is None else self.latency.to_dict(),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -314,7 +335,9 @@ class Plan(_LayerTable):
         True
         """
         layers, config = _parse(data, "plan")
-        return cls(layers, config, _warnings(data))
+        plan = cls(layers, config, _warnings(data))
+        plan.latency = _latency(data)
+        return plan
 
 
 class Report(_LayerTable):
@@ -363,6 +386,7 @@ class Report(_LayerTable):
         layers, config = _parse(data, "report")
         report = cls(layers, config, float(data.get("seconds", 0.0)), _warnings(data))
         report.calibration = data.get("calibration")
+        report.latency = _latency(data)
         return report
 
 
@@ -446,6 +470,11 @@ def _config_from_dict(data: dict[str, Any] | None) -> object:
         return FactorizeConfig(**{key: value for key, value in data.items() if key in known})
     except (TypeError, ValueError):
         return dict(data)
+
+
+def _latency(data: dict[str, Any]) -> LatencyPrediction | None:
+    latency = data.get("latency")
+    return None if latency is None else LatencyPrediction.from_dict(latency)
 
 
 def _warnings(data: dict[str, Any]) -> list[str]:

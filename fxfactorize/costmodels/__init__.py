@@ -21,17 +21,29 @@ from fxfactorize.costmodels.roofline import (
     device_profile,
     set_device_profile,
 )
+from fxfactorize.costmodels.whole import (
+    LatencyPrediction,
+    ModelTiming,
+    predict_latency,
+    set_model_timer,
+    time_model,
+)
 
 __all__ = [
     "COST_MODELS",
     "CostModel",
     "DeviceProfile",
+    "LatencyPrediction",
     "LayerSite",
     "MacsCostModel",
     "MeasuredCostModel",
+    "ModelTiming",
     "RooflineCostModel",
     "device_profile",
     "get_cost_model",
+    "predict_latency",
     "register_cost_model",
     "set_device_profile",
+    "set_model_timer",
+    "time_model",
 ]

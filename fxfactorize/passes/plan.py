@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from fxfactorize.config import FactorizeConfig, resolve_latent_size
 from fxfactorize.core.moments import InputMoments
-from fxfactorize.costmodels import CostModel, LayerSite, get_cost_model
+from fxfactorize.costmodels import CostModel, LayerSite, RooflineCostModel, get_cost_model
 from fxfactorize.layers import OP_NAMES, LayerShape
 from fxfactorize.methods import AUTO_METHOD, CONV_STRUCTURES, DEFAULT_METHOD, get_method
 from fxfactorize.passes.auto import (
@@ -329,6 +329,18 @@ def _planned_cost(site: LayerSite, record: LayerRecord, cost_model: CostModel) -
     return cost_model.cost(site, record.rank if get_method(record.method).is_pair else None)
 
 
+def _latency_ratio(site: LayerSite, record: LayerRecord, cost_model: CostModel) -> float | None:
+    """``record``'s predicted seconds as planned ÷ as it is, by ``cost_model`` (in seconds);
+    ``None`` for a layer left alone. A method the cost model cannot price (a tensorized format)
+    gets its MAC ratio."""
+    if record.rank is None:
+        return None
+    if record.method not in CONV_STRUCTURES and not get_method(record.method).is_pair:
+        return record.macs_after / record.macs_before if record.macs_before else 1.0
+    before = cost_model.cost(site, None)
+    return _planned_cost(site, record, cost_model) / before if before > 0 else 1.0
+
+
 @dataclasses.dataclass
 class LayerEntry:
     """One Linear/Conv layer to plan: its name in the model (``target``, ``node``), its name in
@@ -435,6 +447,9 @@ def plan_layers(
         _record(entry, config, cost_model, policy, kept, moments, weights) for entry in entries
     ]
     sites = {entry.target: entry.site for entry in entries}
+    timing_model = cost_model if cost_model.unit == "s" else RooflineCostModel()
+    for record in records:
+        record.latency_ratio = _latency_ratio(sites[record.target], record, timing_model)
     warning = _budget_warning(records, sites, config, cost_model)
     return Plan(records, config, [warning] if warning else [])
 
