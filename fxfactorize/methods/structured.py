@@ -75,6 +75,7 @@ class _StructuredConv:
     """What the two structured conv methods share: the solve's bookkeeping and the spec."""
 
     name = ""
+    module_class: type[nn.Module] = nn.Module
     kinds: tuple[str, ...] = ()
     is_pair = False
 
@@ -127,8 +128,24 @@ class _StructuredConv:
     def describe(self, replacement: nn.Module) -> dict:
         raise NotImplementedError
 
-    def rebuild(self, module: nn.Module, layer: LayerShape, spec: dict) -> nn.Module:
+    def _spec_ranks(self, spec: dict) -> int | tuple[int, ...]:
+        """The module's rank argument, from a validated spec."""
         raise NotImplementedError
+
+    def rebuild(self, module: nn.Module, layer: LayerShape, spec: dict) -> nn.Module:
+        reference = module.weight
+        new = self.module_class(
+            layer.in_features,
+            layer.out_features,
+            layer.kernel,
+            self._spec_ranks(spec),
+            bias=bool(spec["bias"]),
+            device=reference.device,
+            dtype=reference.dtype,
+            **conv_arguments(module),
+        )
+        new.train(module.training)
+        return new
 
     def _spec(self, layer: LayerShape, rank: int) -> dict:
         raise NotImplementedError
@@ -167,6 +184,7 @@ class SpatialMethod(_StructuredConv):
     """
 
     name = "spatial"
+    module_class = SpatialConv2d
     kinds = ("conv2d",)
 
     def accepts(self, layer: LayerShape) -> str | None:
@@ -232,20 +250,8 @@ class SpatialMethod(_StructuredConv):
             shapes["module1.bias"] = (layer.out_features,)
         return shapes
 
-    def rebuild(self, module: nn.Module, layer: LayerShape, spec: dict) -> nn.Module:
-        reference = module.weight
-        new = SpatialConv2d(
-            layer.in_features,
-            layer.out_features,
-            layer.kernel,
-            int(spec["rank"]),
-            bias=bool(spec["bias"]),
-            device=reference.device,
-            dtype=reference.dtype,
-            **conv_arguments(module),
-        )
-        new.train(module.training)
-        return new
+    def _spec_ranks(self, spec: dict) -> int | tuple[int, ...]:
+        return int(spec["rank"])
 
 
 class Tucker2Method(_StructuredConv):
@@ -257,6 +263,7 @@ class Tucker2Method(_StructuredConv):
     """
 
     name = "tucker2"
+    module_class = Tucker2Conv
     kinds = ("conv1d", "conv2d", "conv3d")
 
     def accepts(self, layer: LayerShape) -> str | None:
@@ -325,20 +332,8 @@ class Tucker2Method(_StructuredConv):
             shapes["module2.bias"] = (layer.out_features,)
         return shapes
 
-    def rebuild(self, module: nn.Module, layer: LayerShape, spec: dict) -> nn.Module:
-        reference = module.weight
-        new = Tucker2Conv(
-            layer.in_features,
-            layer.out_features,
-            layer.kernel,
-            tuple(spec["ranks"]),
-            bias=bool(spec["bias"]),
-            device=reference.device,
-            dtype=reference.dtype,
-            **conv_arguments(module),
-        )
-        new.train(module.training)
-        return new
+    def _spec_ranks(self, spec: dict) -> int | tuple[int, ...]:
+        return tuple(spec["ranks"])
 
 
 #: The conv structures ``method="auto"`` chooses among besides the pair, by name.
