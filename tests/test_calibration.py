@@ -130,3 +130,40 @@ def test_calibrated_transform_stays_on_the_gpu_in_half_precision():
     weight = gm.get_submodule("0").module0.weight
     assert weight.device.type == "cuda" and weight.dtype == torch.half
     assert gm.meta["fxfactorize"].layers[0].nmse_source == "calibration"
+
+
+class _QueryKeyValue(nn.Module):
+    """Three projections of one input (attention's query, key and value) and one of another."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.q(x) + self.k(x) + torch.cat([self.v(x), self.v(x)], -1).relu() + self.out(x.relu())
+
+
+def test_layers_fed_the_same_value_are_summed_once_and_get_their_own_copies(monkeypatch):
+    import fxfactorize.passes.calibrate as calibrate_module
+
+    gm = fx.symbolic_trace(_QueryKeyValue())
+    batches = [torch.randn(6, 8), torch.randn(5, 8)]
+    summed = []
+    real = calibrate_module.accumulate_rows
+    monkeypatch.setattr(
+        calibrate_module, "accumulate_rows", lambda m, rows: (summed.append(1), real(m, rows))
+    )
+    collector = calibrate_module.MomentCollector(gm, ["q", "k", "v", "out"])
+    for batch in batches:
+        collector.run(batch)
+    folds = collector.folds
+    # q and k share one summation; v is called twice (not merged); out sees another value
+    assert len(summed) == 3 * 2 * len(batches) + 2 * len(batches)
+    assert set(folds) == {"q", "k", "v", "out"}
+    for one, other in zip(folds["q"], folds["k"], strict=True):
+        assert one is not other and torch.equal(one.xtx, other.xtx) and one.count == other.count
+    assert collector.calls["k"] == collector.calls["q"] == 2
+    assert folds["v"][0].count + folds["v"][1].count == 2 * 11
+    direct = calibrate(fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8))), ["0"], batches, progress=False)
+    assert torch.allclose(collector.moments["k"].xtx, direct["0"].xtx)

@@ -134,8 +134,11 @@ class PairedMoments:
     def dim(self) -> int:
         return self.inputs.dim
 
-    def update(self, rows: torch.Tensor, original_rows: torch.Tensor) -> None:
-        """Add row pairs: ``rows`` (``x′``) and ``original_rows`` (``x``), both ``[N, groups · D]``."""
+    def update(
+        self, rows: torch.Tensor, original_rows: torch.Tensor, with_original: bool = True
+    ) -> None:
+        """Add row pairs: ``rows`` (``x′``) and ``original_rows`` (``x``), both ``[N, groups · D]``.
+        ``with_original=False`` leaves ``original`` to the caller (already summed elsewhere)."""
         if rows.shape != original_rows.shape:
             raise ValueError(
                 f"paired rows differ in shape: {tuple(rows.shape)} and {tuple(original_rows.shape)}"
@@ -145,7 +148,8 @@ class PairedMoments:
         original = original.to(torch.float64).transpose(0, 1)
         self.cross += shaped.transpose(1, 2) @ original
         self.inputs.update(rows)
-        self.original.update(original_rows)
+        if with_original:
+            self.original.update(original_rows)
 
     def __add__(self, other: PairedMoments) -> PairedMoments:
         return PairedMoments(

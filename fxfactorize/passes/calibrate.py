@@ -8,6 +8,7 @@ whatever the number of batches; the statistics are sums, so results of several r
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "MomentCollector",
     "add_rows",
     "layer_rows",
+    "rows_key",
     "calibrate",
     "calibration_batches",
     "calibration_warnings",
@@ -56,10 +58,12 @@ def add_rows(
     rows_of: Callable[[torch.Tensor], Iterable[torch.Tensor]],
     original: torch.Tensor | None = None,
     call: int = 0,
+    with_original: bool = True,
 ) -> None:
     """Add a layer's input ``x`` (paired with ``original`` when given) to the folds of
     statistics: sample ``i`` of the leading axis goes to fold ``(i + call) % len(folds)``;
-    ``rows_of`` turns a tensor into the layer's input rows. Folds split samples, never the rows
+    ``rows_of`` turns a tensor into the layer's input rows; ``with_original=False`` leaves the
+    paired statistics' ``original`` part to the caller. Folds split samples, never the rows
     of one sample (the two halves of an image are not two draws of the same distribution), and
     they interleave samples: contiguous halves follow the data's order (often grouped by source
     or class), and cross-validating across such groups over-shrinks toward data-free (measured:
@@ -72,12 +76,12 @@ def add_rows(
     """
     count = len(folds)
     if x.dim() <= 1:  # one sample: the whole input is one draw
-        _accumulate(folds[call % count], x, rows_of, original)
+        _accumulate(folds[call % count], x, rows_of, original, with_original)
         return
     for index in range(min(count, x.shape[0])):
         fold = folds[(call + index) % count]
         paired = None if original is None else original[index::count]
-        _accumulate(fold, x[index::count], rows_of, paired)
+        _accumulate(fold, x[index::count], rows_of, paired, with_original)
 
 
 def _accumulate(
@@ -85,13 +89,14 @@ def _accumulate(
     x: torch.Tensor,
     rows_of: Callable[[torch.Tensor], Iterable[torch.Tensor]],
     original: torch.Tensor | None,
+    with_original: bool = True,
 ) -> None:
     if original is None:
         for rows in rows_of(x):
             accumulate_rows(fold, rows)
         return
     for rows, original_rows in zip(rows_of(x), rows_of(original), strict=True):
-        fold.update(rows, original_rows)
+        fold.update(rows, original_rows, with_original)
 
 
 def layer_rows(
@@ -103,6 +108,40 @@ def layer_rows(
         return lambda x: [x.reshape(-1, layer.in_features)]
     arguments = conv_arguments(module)
     return lambda x: list(conv_patch_rows(x, layer.kernel, **arguments))
+
+
+def rows_key(module: nn.Module, layer: LayerShape) -> tuple:
+    """Equal for two layers that turn the same input into the same rows (and statistics).
+
+    >>> rows_key(nn.Linear(4, 2), describe_module(nn.Linear(4, 2))) == rows_key(
+    ...     nn.Linear(4, 8), describe_module(nn.Linear(4, 8)))
+    True
+    """
+    if layer.kind == "linear":
+        return (layer.kind, layer.in_features)
+    arguments = tuple(sorted((name, repr(value)) for name, value in conv_arguments(module).items()))
+    return (layer.kind, layer.in_features, layer.groups, layer.kernel, arguments)
+
+
+def _fed_alike(gm: fx.GraphModule, layers: Mapping[str, tuple[nn.Module, LayerShape]]) -> dict:
+    """``{target: an earlier target}`` for layers called once, on the value of the same graph
+    node and with the same :func:`rows_key` (attention's query, key and value): their
+    statistics are equal, so they are summed once."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in layers:
+            calls.setdefault(node.target, []).append(node)
+    first: dict[tuple, str] = {}
+    alike: dict[str, str] = {}
+    for target, nodes in calls.items():
+        if len(nodes) != 1 or not nodes[0].args or not isinstance(nodes[0].args[0], fx.Node):
+            continue
+        key = (nodes[0].args[0], rows_key(*layers[target]))
+        if key in first:
+            alike[target] = first[key]
+        else:
+            first[key] = target
+    return alike
 
 
 class MomentCollector(fx.Interpreter):
@@ -117,7 +156,7 @@ class MomentCollector(fx.Interpreter):
         self, gm: fx.GraphModule, targets: Iterable[str], qualify: Callable[[str], str] = str
     ) -> None:
         super().__init__(gm)
-        self.folds: dict[str, list[InputMoments]] = {}
+        self._folds: dict[str, list[InputMoments]] = {}
         self._calls: dict[str, int] = {}
         self._layers: dict[str, tuple[nn.Module, LayerShape]] = {}
         self._qualify = qualify
@@ -128,29 +167,46 @@ class MomentCollector(fx.Interpreter):
                     f"cannot calibrate a {type(module).__name__}; only Linear and Conv1d/2d/3d layers"
                 )
             self._layers[target] = (module, describe_module(module))
+        self._alike = _fed_alike(gm, self._layers)
 
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
         found = self._layers.get(target)
-        if found is not None and args and isinstance(args[0], torch.Tensor):
+        if (
+            found is not None
+            and target not in self._alike
+            and args
+            and isinstance(args[0], torch.Tensor)
+        ):
             self._add(target, *found, args[0])
         return super().call_module(target, args, kwargs)
 
     def _add(self, target: str, module: nn.Module, layer: LayerShape, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
             raise _NonFiniteInput(self._qualify(target))
-        if target not in self.folds:
-            self.folds[target] = [
+        if target not in self._folds:
+            self._folds[target] = [
                 InputMoments.zeros(layer.fan_in, layer.groups, device=x.device)
                 for _ in range(FOLDS)
             ]
         call = self._calls.get(target, 0)
         self._calls[target] = call + 1
-        add_rows(self.folds[target], x, layer_rows(module, layer), call=call)
+        add_rows(self._folds[target], x, layer_rows(module, layer), call=call)
+
+    @property
+    def folds(self) -> dict[str, list[InputMoments]]:
+        """The statistics of each target reached, in :data:`FOLDS` folds."""
+        return {
+            target: self._folds[target]
+            if target in self._folds
+            else copy.deepcopy(self._folds[self._alike[target]])
+            for target in self._layers
+            if target in self._folds or self._alike.get(target) in self._folds
+        }
 
     @property
     def calls(self) -> dict[str, int]:
         """How many calls of each target were collected (a call's fold depends on its index)."""
-        return dict(self._calls)
+        return {target: self._calls[self._alike.get(target, target)] for target in self.folds}
 
     @property
     def moments(self) -> dict[str, InputMoments]:

@@ -214,6 +214,7 @@ def run_pipeline(
                 config.shrinkage,
                 config.progress,
                 group=group,
+                original_folds=folds,
             )
             moments = {target: stats.inputs for target, stats in paired.items()}
         else:
