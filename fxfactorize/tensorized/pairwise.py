@@ -334,8 +334,10 @@ def _matrix_source(name: str, side: _Side) -> str:
     return expr + f".reshape({nb}, {rows}, {cols})"
 
 
-def _unmatrix_source(expr: str, side: _Side) -> str:
-    if side.transposed:
+def _unmatrix_source(expr: str, side: _Side, stored_order: bool = False) -> str:
+    """``expr`` (the side's ``[batch, rows, cols]`` matrix, or with ``stored_order`` the
+    ``[batch, cols, rows]`` one of a transposed side) back in the operand's shape."""
+    if side.transposed and not stored_order:
         expr += ".transpose(1, 2)"
     expr = _permute_source(f"{expr}.reshape({side.permuted_shape!r})", _inverse(side.permutation))
     if side.summed:
@@ -412,11 +414,18 @@ def _generate(program: Program, needs: tuple[bool, ...]) -> tuple:
             other_name = f"{'r' if name == 'l' else 'l'}{index}"
             if other.slot < n:  # an operand's matrix is remade rather than saved
                 backward.append(f"    {other_name} = {_matrix_source(f's{other.slot}', other)}")
-            if name == "l":  # d left [nb, m, k] = gm [nb, m, cols] @ right^T [nb, cols, k]
+            # a side read through a transposed view gets its gradient as the transposed
+            # product, which comes out in the operand's own order (no transposing copy)
+            if name == "l" and side.transposed:  # d left^T [nb, k, m] = right @ gm^T
+                product = _product_source(other_name, _t("gm"), k, cols, m)
+            elif name == "l":  # d left [nb, m, k] = gm [nb, m, cols] @ right^T [nb, cols, k]
                 product = _product_source("gm", _t(other_name), m, cols, k)
+            elif side.transposed:  # d right^T [nb, cols, k] = gm^T [nb, cols, m] @ left
+                product = _product_source(_t("gm"), other_name, cols, m, k)
             else:  # d right [nb, k, cols] = left^T [nb, k, m] @ gm [nb, m, cols]
                 product = _product_source(_t(other_name), "gm", k, m, cols)
-            backward.append(f"    g{side.slot} = {_unmatrix_source(product, side)}")
+            source = _unmatrix_source(product, side, stored_order=side.transposed)
+            backward.append(f"    g{side.slot} = {source}")
     grads = ", ".join(f"g{k}" if needs[k] else "None" for k in range(n))
     backward.append(f"    return ({grads},)")
     namespace: dict = {}
