@@ -362,11 +362,6 @@ def _product_source(a: str, b: str, m: int, k: int, n: int) -> str:
     return f"torch.bmm({a}, {b})"
 
 
-def _copies(side: _Side) -> bool:
-    """Whether making the side's matrix copies the operand (a sum, or a permutation)."""
-    return bool(side.summed) or not _is_identity(side.permutation)
-
-
 def _needs_of(program: Program, needs: tuple[bool, ...]) -> list[bool]:
     """Per slot: whether a gradient flows to it (a result does when an operand below it does)."""
     every = list(needs)
@@ -393,9 +388,7 @@ def _generate(program: Program, needs: tuple[bool, ...]) -> tuple:
         product = _product_source(a, b, *shape)
         forward.append(f"    s{n + index} = {product}.reshape({step.result_shape!r})")
         for side, other, name in ((step.left, step.right, "l"), (step.right, step.left, "r")):
-            # an intermediate's matrix is kept for backward; so is an operand's when making it
-            # copies (a permuted or summed operand), rather than copying it again
-            if every[other.slot] and (side.slot >= n or _copies(side)):
+            if every[other.slot] and side.slot >= n:
                 kept.append(f"{name}{index}")
     last = n + len(program.steps) - 1
     output = _permute_source(f"s{last}", program.output_permutation)
@@ -419,7 +412,7 @@ def _generate(program: Program, needs: tuple[bool, ...]) -> tuple:
             if not every[side.slot]:
                 continue
             other_name = f"{'r' if name == 'l' else 'l'}{index}"
-            if other.slot < n and not _copies(other):  # a view of the operand: remade
+            if other.slot < n:  # an operand's matrix is remade rather than saved
                 backward.append(f"    {other_name} = {_matrix_source(f's{other.slot}', other)}")
             # a side read through a transposed view gets its gradient as the transposed
             # product, which comes out in the operand's own order (no transposing copy)
