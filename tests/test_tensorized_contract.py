@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fxfactorize.tensorized import FactorizedLinear
-from fxfactorize.tensorized.contract import contract
+from fxfactorize.tensorized.contract import cheapest_order, contract
+from fxfactorize.tensorized.pairwise import Contraction, _compile
 
 LETTERS = "abcdefg"
 
@@ -48,6 +49,34 @@ def test_contract_matches_einsum_in_value_and_gradient(expression, seed):
     needed = [t for t in leaves if t.requires_grad]
     want = torch.autograd.grad((expected * weights).sum(), needed, allow_unused=True)
     have = torch.autograd.grad((got * weights).sum(), needed, allow_unused=True)
+    for w, h in zip(want, have, strict=True):
+        torch.testing.assert_close(h, w, rtol=1e-10, atol=1e-10)
+
+
+@given(
+    expressions(),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([(False, True), (True, True), (True, False)]),
+)
+def test_every_layout_matches_einsum_in_value_and_gradient(expression, seed, layout):
+    """compile_plan picks one of three layouts by estimated copying; each must be exact."""
+    terms, output, sizes = expression
+    generator = torch.Generator().manual_seed(seed)
+    operands = [
+        torch.randn(*(sizes[i] for i in t), generator=generator, dtype=torch.float64) for t in terms
+    ]
+    plan = cheapest_order(tuple(terms), output, tuple(sorted(sizes.items())))
+    if isinstance(plan.tree, int):
+        return
+    program = _compile(plan.tree, terms, [t.shape for t in operands], output, *layout)
+    spec = ",".join("".join(t) for t in terms) + "->" + "".join(output)
+    leaves = [t.clone().requires_grad_(True) for t in operands]
+    expected = torch.einsum(spec, *leaves)
+    got = Contraction.apply(program, *leaves)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    weights = torch.randn(expected.shape, generator=generator, dtype=torch.float64)
+    want = torch.autograd.grad((expected * weights).sum(), leaves)
+    have = torch.autograd.grad((got * weights).sum(), leaves)
     for w, h in zip(want, have, strict=True):
         torch.testing.assert_close(h, w, rtol=1e-10, atol=1e-10)
 
