@@ -141,7 +141,12 @@ class _QueryKeyValue(nn.Module):
         self.out = nn.Linear(8, 8)
 
     def forward(self, x):
-        return self.q(x) + self.k(x) + torch.cat([self.v(x), self.v(x)], -1).relu() + self.out(x.relu())
+        return (
+            self.q(x)
+            + self.k(x)
+            + torch.cat([self.v(x), self.v(x)], -1).relu()
+            + self.out(x.relu())
+        )
 
 
 def test_layers_fed_the_same_value_are_summed_once_and_get_their_own_copies(monkeypatch):
@@ -165,5 +170,7 @@ def test_layers_fed_the_same_value_are_summed_once_and_get_their_own_copies(monk
         assert one is not other and torch.equal(one.xtx, other.xtx) and one.count == other.count
     assert collector.calls["k"] == collector.calls["q"] == 2
     assert folds["v"][0].count + folds["v"][1].count == 2 * 11
-    direct = calibrate(fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8))), ["0"], batches, progress=False)
+    direct = calibrate(
+        fx.symbolic_trace(nn.Sequential(nn.Linear(8, 8))), ["0"], batches, progress=False
+    )
     assert torch.allclose(collector.moments["k"].xtx, direct["0"].xtx)

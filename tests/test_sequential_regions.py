@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fxfactorize as ff
-from fxfactorize.passes import sequential
+from fxfactorize.passes import region_inputs
 
 OPTIONS = dict(
     min_features=0,
@@ -55,7 +55,7 @@ def _transform(model: nn.Module, batches: list[torch.Tensor], calls: list[int]) 
 
 
 def _rerun_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sequential._PausedRuns, "inputs_of", lambda self, region, root: None)
+    monkeypatch.setattr(region_inputs.PausedRuns, "inputs_of", lambda self, region, root: None)
 
 
 @pytest.mark.parametrize("again", [False, True])

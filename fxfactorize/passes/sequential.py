@@ -16,7 +16,10 @@ layers in place (:class:`_DualGraph`): it advances node by node to the inputs of
 the wave is solved, and it goes on from there, so every node runs once per batch and side whatever
 the number of waves. The price is memory: the values alive at the current point of the graph are
 held for every batch, on both sides. A region's inputs come from running the model up to the
-region's call, as it was and with the earlier regions' solved layers in place.
+region's call, as it was and with the earlier regions' solved layers in place: the original side
+from one pass over the batches, the factorized side from one run per batch, each in a thread of
+its own paused at every region's last call (:class:`PausedRuns`), or, when the regions are not
+reached in the order they are solved in, from re-running the batches for each region.
 """
 
 from __future__ import annotations
@@ -25,15 +28,13 @@ import contextlib
 import copy
 import functools
 import logging
-import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from fxfactorize.calling import normalize_inputs
 from fxfactorize.core.moments import InputMoments, PairedMoments
 from fxfactorize.core.shrinkage import sum_statistics
 from fxfactorize.methods import Solved
@@ -42,12 +43,11 @@ from fxfactorize.passes.calibrate import (
     add_rows,
     layer_rows,
     rows_key,
-    run_calibration,
 )
 from fxfactorize.passes.distributed import Group, reduce_folds, solve_owned, step
 from fxfactorize.passes.plan import LayerEntry
+from fxfactorize.passes.region_inputs import PausedRuns, compressed_inputs, original_inputs
 from fxfactorize.passes.regions import Region
-from fxfactorize.passes.rewrite import install
 from fxfactorize.passes.runner import running
 from fxfactorize.passes.solve import solve_layer
 from fxfactorize.report import LayerRecord, Plan
@@ -55,11 +55,6 @@ from fxfactorize.report import LayerRecord, Plan
 __all__ = ["layer_waves", "solve_sequentially"]
 
 log = logging.getLogger("fxfactorize")
-
-
-class _WaveReached(Exception):
-    """Raised by a hook once a region has been called as often as expected: the rest of the
-    forward pass is not needed."""
 
 
 def layer_waves(
@@ -170,272 +165,6 @@ class _DualGraph:
                     side.env.pop(node, None)
 
 
-def _copy(value: Any) -> Any:
-    return value.clone() if isinstance(value, torch.Tensor) else value
-
-
-class _RegionCall:
-    """Forward pre-hook capturing the positional inputs of every call of a region graph (or a
-    bare layer), and stopping the model once it has been called ``expected`` times."""
-
-    def __init__(self, module: nn.Module, expected: int | None) -> None:
-        self.calls: list[tuple] = []
-        self.expected = expected
-        self._handle = module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple) -> None:
-        self.calls.append(tuple(args))
-        if self.expected is not None and len(self.calls) >= self.expected:
-            raise _WaveReached
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-    def run(self, run: Callable[[Any], Any], batch: Any) -> list[tuple]:
-        try:
-            run(batch)
-        except _WaveReached:
-            pass
-        finally:
-            self.remove()
-        return self.calls
-
-
-def _watched(region: Region) -> nn.Module:
-    """The module whose calls feed ``region``'s graph: the graph itself, or a bare layer."""
-    return region.graph.get_submodule("layer") if region.layer else region.graph
-
-
-def _original_inputs(
-    regions: list[Region], run: Callable[[Any], Any], batches: Iterable[Any]
-) -> tuple[dict[str, list[list[tuple]]], list[Any]]:
-    """``({region name: [calls of each batch]}, the batches)``: the inputs of every call of every
-    region in the model as it was, from one pass over ``batches``; the whole model is its own
-    region."""
-    seen: list[Any] = []
-    if regions[0].name == "":
-        gm = regions[0].graph
-        inputs: list[list[tuple]] = []
-        run_calibration(
-            batches,
-            lambda batch: inputs.append([normalize_inputs(gm, batch)]),
-            name_of=str,
-            progress=False,
-        )
-        return {"": inputs}, seen
-    found: dict[str, list[list[tuple]]] = {region.name: [] for region in regions}
-
-    def run_batch(batch: Any) -> None:
-        hooks = {region.name: _RegionCall(_watched(region), None) for region in regions}
-        try:
-            run(batch)
-        finally:
-            for hook in hooks.values():
-                hook.remove()
-        for name, hook in hooks.items():
-            found[name].append(hook.calls)
-        seen.append(batch)
-
-    run_calibration(batches, run_batch, name_of=str, progress=False)
-    return found, seen
-
-
-def _compressed_inputs(
-    region: Region,
-    original: list[list[tuple]],
-    root: nn.Module,
-    run: Callable[[Any], Any],
-    solved: dict[nn.Module, nn.Module],
-    batches: Iterable[Any],
-) -> list[tuple]:
-    """The inputs of every call of ``region`` with the ``solved`` layers in place."""
-    if region.name == "":  # the batches themselves; copies, so in-place ops stay on one side
-        return [tuple(_copy(value) for value in calls[0]) for calls in original]
-    return _rerun_inputs(region, original, root, run, solved, batches)
-
-
-def _rerun_inputs(
-    region: Region,
-    original: list[list[tuple]],
-    root: nn.Module,
-    run: Callable[[Any], Any],
-    solved: dict[nn.Module, nn.Module],
-    batches: Iterable[Any],
-) -> list[tuple]:
-    """The inputs of every call of ``region`` with the ``solved`` layers in place, each batch's
-    run started afresh and stopped at the region's last call (as many as in the original model)."""
-    compressed: list[tuple] = []
-    index = -1
-
-    def run_batch(batch: Any) -> None:
-        nonlocal index
-        index += 1
-        expected = len(original[index])
-        if expected == 0:
-            return
-        calls = _RegionCall(_watched(region), expected).run(run, batch)
-        if len(calls) != expected:
-            raise ValueError(
-                f"region {region.name} is called {expected} time(s) in the original model and "
-                f"{len(calls)} in the factorized one"
-            )
-        compressed.extend(calls)
-
-    undo = install(root, solved)
-    try:
-        run_calibration(batches, run_batch, name_of=str, progress=False)
-    finally:
-        undo()
-    return compressed
-
-
-class _Aborted(BaseException):
-    """Raised in a paused run that is no longer needed, to unwind its thread."""
-
-
-class _PausedRun:
-    """One calibration batch run through the model in a thread of its own, paused at the last
-    call of each watched region until :meth:`advance` lets it go on. Only one thread runs at a
-    time (the caller waits while a run advances), so nothing depends on the scheduler."""
-
-    def __init__(
-        self,
-        run: Callable[[Any], Any],
-        batch: Any,
-        expected: dict[int, int],
-        current: threading.local,
-    ) -> None:
-        self.expected = expected  # id(watched module) -> its calls in the original model
-        self.calls: dict[int, list[tuple]] = {}
-        self.paused_at: int | None = None
-        self.redirect: dict[int, nn.Module] = {}  # a bare layer's call to finish as solved
-        self.finished = False
-        self.error: BaseException | None = None
-        self._abort = False
-        self._go = threading.Semaphore(0)
-        self._stopped = threading.Semaphore(0)
-        self._thread = threading.Thread(target=self._body, args=(run, batch, current), daemon=True)
-
-    def _body(self, run: Callable[[Any], Any], batch: Any, current: threading.local) -> None:
-        current.run = self
-        self._go.acquire()
-        try:
-            if not self._abort:
-                with torch.no_grad():  # grad mode is per thread
-                    run(batch)
-        except _Aborted:
-            pass
-        except BaseException as error:  # the caller re-runs the batch, which reports it
-            self.error = error
-        finally:
-            self.finished, self.paused_at = True, None
-            self._stopped.release()
-
-    def advance(self) -> None:
-        """Let the run go on until it pauses at a watched region's last call, or ends."""
-        if self.finished:
-            return
-        if self._thread.ident is None:
-            self._thread.start()
-        self.paused_at = None
-        self._go.release()
-        self._stopped.acquire()
-
-    def pause(self, watched: int) -> None:
-        """Called in the run's own thread: wait here until advanced (or closed)."""
-        self.paused_at = watched
-        self._stopped.release()
-        self._go.acquire()
-        if self._abort:
-            raise _Aborted
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._abort = True
-            self._go.release()
-            self._thread.join()
-
-
-class _PausedRuns:
-    """Every calibration batch run through the factorized model once, each in a thread, paused at
-    each region's last call in turn: the inputs of all regions cost one forward pass in all.
-    Re-running the model from its start for each region (:func:`_rerun_inputs`) costs one per
-    region: 48 of 201 s of a MiniLM-L6 transform (30 regions, 128 sentences, 2-core CPU).
-
-    :meth:`inputs_of` returns ``None`` when a run does not reach the region next (regions
-    called in another order than they are solved in, or a different number of times, or an
-    error): the caller then re-runs the batches, which also reports the error.
-    """
-
-    def __init__(
-        self,
-        run: Callable[[Any], Any],
-        batches: list[Any],
-        regions: list[Region],
-        originals: dict[str, list[list[tuple]]],
-        replaced: dict[nn.Module, nn.Module],
-    ) -> None:
-        self.replaced = replaced
-        self._current = threading.local()
-        self.runs = [
-            _PausedRun(
-                run,
-                batch,
-                {id(_watched(r)): len(originals[r.name][index]) for r in regions},
-                self._current,
-            )
-            for index, batch in enumerate(batches)
-        ]
-        self._handles = []
-        for region in regions:
-            watched = _watched(region)
-            self._handles.append(watched.register_forward_pre_hook(self._before))
-            if region.layer:  # its paused call is in the original layer: finish it as solved
-                self._handles.append(watched.register_forward_hook(self._after))
-
-    def _before(self, module: nn.Module, args: tuple) -> None:
-        paused = getattr(self._current, "run", None)
-        if paused is None:  # a call from the solver's own thread
-            return
-        calls = paused.calls.setdefault(id(module), [])
-        calls.append(tuple(_copy(value) for value in args))  # the run goes on with its own
-        if len(calls) == paused.expected.get(id(module), 0):
-            paused.pause(id(module))
-            solved = self.replaced.get(module)
-            if solved is not None:
-                paused.redirect[id(module)] = solved
-
-    def _after(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        paused = getattr(self._current, "run", None)
-        solved = None if paused is None else paused.redirect.pop(id(module), None)
-        return output if solved is None else solved(*args)
-
-    def inputs_of(self, region: Region, root: nn.Module) -> list[tuple] | None:
-        """Every call of ``region`` in every batch, the solved layers in place; ``None`` if a run
-        does not reach it next."""
-        watched = id(_watched(region))
-        found: list[tuple] = []
-        undo = install(root, self.replaced)
-        try:
-            for paused in self.runs:
-                if paused.expected[watched] == 0:
-                    continue
-                if paused.paused_at != watched:
-                    paused.advance()
-                if paused.paused_at != watched:
-                    return None
-                found.extend(paused.calls.pop(watched))
-        finally:
-            undo()
-        return found
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for paused in self.runs:
-            paused.close()
-
-
 def solve_sequentially(
     model: nn.Module,
     regions: list[Region],
@@ -488,7 +217,7 @@ def solve_sequentially(
         root, run = stack.enter_context(running(model, regions))
         stack.enter_context(bar)
         with step(group, "propagate_error: original inputs"):
-            originals, seen = _original_inputs(regions, run, batches)
+            originals, seen = original_inputs(regions, run, batches)
         local_of = {
             region.name: {
                 target: by_target[target].local
@@ -500,7 +229,7 @@ def solve_sequentially(
         paused = None
         if seen:  # regions of an untraceable model: one forward pass per batch, paused
             watched = [region for region in regions if local_of[region.name]]
-            paused = _PausedRuns(run, seen, watched, originals, replaced)
+            paused = PausedRuns(run, seen, watched, originals, replaced)
             stack.callback(paused.close)
         for region in regions:
             local = local_of[region.name]
@@ -518,7 +247,7 @@ def solve_sequentially(
                     paused.close()
                     paused = None
                 if compressed is None:
-                    compressed = _compressed_inputs(region, original, root, run, replaced, batches)
+                    compressed = compressed_inputs(region, original, root, run, replaced, batches)
                 graph = _DualGraph(
                     region.graph, [call for calls in original for call in calls], compressed
                 )
