@@ -220,7 +220,7 @@ class PausedRuns:
     """Every calibration batch run through the factorized model once, each in a thread, paused at
     each region's last call in turn: the inputs of all regions cost one forward pass in all.
     Re-running the model from its start for each region (:func:`_rerun_inputs`) costs one per
-    region: 48 of 201 s of a MiniLM-L6 transform (30 regions, 128 sentences, 2-core CPU).
+    region: 48 of 201 s of a MiniLM-L6 transform (37 regions, 128 sentences, 2-core CPU).
 
     :meth:`inputs_of` returns ``None`` when a run does not reach the region next (regions
     called in another order than they are solved in, or a different number of times, or an
