@@ -196,17 +196,19 @@ class MomentCollector(fx.Interpreter):
     def folds(self) -> dict[str, list[InputMoments]]:
         """The statistics of each target reached, in :data:`FOLDS` folds."""
         return {
-            target: self._folds[target]
-            if target in self._folds
-            else copy.deepcopy(self._folds[self._alike[target]])
-            for target in self._layers
-            if target in self._folds or self._alike.get(target) in self._folds
+            target: self._folds[source] if source == target else copy.deepcopy(self._folds[source])
+            for target, source in self._summed_as().items()
         }
 
     @property
     def calls(self) -> dict[str, int]:
         """How many calls of each target were collected (a call's fold depends on its index)."""
-        return {target: self._calls[self._alike.get(target, target)] for target in self.folds}
+        return {target: self._calls[source] for target, source in self._summed_as().items()}
+
+    def _summed_as(self) -> dict[str, str]:
+        """``{target reached: the target whose summation holds its statistics}``."""
+        sources = {target: self._alike.get(target, target) for target in self._layers}
+        return {target: source for target, source in sources.items() if source in self._folds}
 
     @property
     def moments(self) -> dict[str, InputMoments]:

@@ -108,22 +108,11 @@ def compressed_inputs(
     solved: dict[nn.Module, nn.Module],
     batches: Iterable[Any],
 ) -> list[tuple]:
-    """The inputs of every call of ``region`` with the ``solved`` layers in place."""
-    if region.name == "":  # the batches themselves; copies, so in-place ops stay on one side
+    """The inputs of every call of ``region`` with the ``solved`` layers in place: for the whole
+    model, copies of the batches; for a region, each batch's run started afresh and stopped at
+    the region's last call (as many as in the original model)."""
+    if region.name == "":  # copies, so in-place ops stay on one side
         return [tuple(copied(value) for value in calls[0]) for calls in original]
-    return _rerun_inputs(region, original, root, run, solved, batches)
-
-
-def _rerun_inputs(
-    region: Region,
-    original: list[list[tuple]],
-    root: nn.Module,
-    run: Callable[[Any], Any],
-    solved: dict[nn.Module, nn.Module],
-    batches: Iterable[Any],
-) -> list[tuple]:
-    """The inputs of every call of ``region`` with the ``solved`` layers in place, each batch's
-    run started afresh and stopped at the region's last call (as many as in the original model)."""
     compressed: list[tuple] = []
     index = -1
 
@@ -168,9 +157,7 @@ class _PausedRun:
         self.expected = expected  # id(watched module) -> its calls in the original model
         self.calls: dict[int, list[tuple]] = {}
         self.paused_at: int | None = None
-        self.redirect: dict[int, nn.Module] = {}  # a bare layer's call to finish as solved
         self.finished = False
-        self.error: BaseException | None = None
         self._abort = False
         self._go = threading.Semaphore(0)
         self._stopped = threading.Semaphore(0)
@@ -185,8 +172,8 @@ class _PausedRun:
                     run(batch)
         except _Aborted:
             pass
-        except BaseException as error:  # the caller re-runs the batch, which reports it
-            self.error = error
+        except BaseException:  # the run ends here; the caller re-runs the batch, which reports it
+            pass
         finally:
             self.finished, self.paused_at = True, None
             self._stopped.release()
@@ -219,7 +206,7 @@ class _PausedRun:
 class PausedRuns:
     """Every calibration batch run through the factorized model once, each in a thread, paused at
     each region's last call in turn: the inputs of all regions cost one forward pass in all.
-    Re-running the model from its start for each region (:func:`_rerun_inputs`) costs one per
+    Re-running the model from its start for each region (:func:`compressed_inputs`) costs one per
     region: 48 of 201 s of a MiniLM-L6 transform (37 regions, 128 sentences, 2-core CPU).
 
     :meth:`inputs_of` returns ``None`` when a run does not reach the region next (regions
@@ -261,13 +248,11 @@ class PausedRuns:
         calls.append(tuple(copied(value) for value in args))  # the run goes on with its own
         if len(calls) == paused.expected.get(id(module), 0):
             paused.pause(id(module))
-            solved = self.replaced.get(module)
-            if solved is not None:
-                paused.redirect[id(module)] = solved
 
     def _after(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        paused = getattr(self._current, "run", None)
-        solved = None if paused is None else paused.redirect.pop(id(module), None)
+        # In a run, a solved layer is installed before the run goes on, so the original is
+        # called only by the call that was paused in it: that call finishes as solved.
+        solved = self.replaced.get(module) if getattr(self._current, "run", None) else None
         return output if solved is None else solved(*args)
 
     def inputs_of(self, region: Region, root: nn.Module) -> list[tuple] | None:
