@@ -118,6 +118,11 @@ def run(args: argparse.Namespace, threads: int) -> list[list[object]]:
                 options["budget"] = args.budget
             if args.rank_multiple > 1:
                 options["rank_multiple"] = args.rank_multiple
+            if args.min_channels is not None:
+                options["min_channels"] = args.min_channels
+            if args.channels_last:  # the planner times the model in the format it will run in
+                model = model.to(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
             start = time.perf_counter()
             gm = ff.transform(model, x, **options)
             seconds = time.perf_counter() - start
@@ -185,6 +190,10 @@ def main() -> None:
     parser.add_argument("--cost-model", default="latency")
     parser.add_argument("--budget", type=float, default=None)
     parser.add_argument("--rank-multiple", type=int, default=1)
+    parser.add_argument("--min-channels", type=int, default=None, help="default: transform's")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="images and convs in channels_last"
+    )
     parser.add_argument(
         "--threads", nargs="+", type=int, default=[1], help="CPU thread counts (0: torch's default)"
     )
@@ -206,7 +215,9 @@ def main() -> None:
     table = tabulate(rows, HEADERS, tablefmt="github")
     text = (
         f"{machine}; torch {torch.__version__}; cost_model={args.cost_model}, "
-        f"budget={args.budget}, rank_multiple={args.rank_multiple}; medians of {args.repeats} "
+        f"budget={args.budget}, rank_multiple={args.rank_multiple}, "
+        f"min_channels={args.min_channels or 'default'}, "
+        f"{'channels_last' if args.channels_last else 'contiguous'}; medians of {args.repeats} "
         f"interleaved repeats\n\n{table}\n"
     )
     print(text)

@@ -283,6 +283,13 @@ def _add_model_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         help="torch CPU threads (default: torch's own choice)",
     )
     group.add_argument(
+        "--channels-last",
+        action="store_true",
+        default=default(False),
+        help="run the model and its 4-d example input in channels_last memory format (faster "
+        "convolutions on CPU; the timings compare both models in it)",
+    )
+    group.add_argument(
         "--calibration",
         default=default(None),
         metavar="FILE",
@@ -425,6 +432,11 @@ def _prepare(args: argparse.Namespace) -> _Run:
     torch.manual_seed(args.seed)
     model = build_model(args.model)
     example = torch.randn(shape)
+    if args.channels_last:
+        if len(shape) != 4:
+            raise UsageError(f"--channels-last needs a 4-d --input-shape (N×C×H×W); got {shape}")
+        model = model.to(memory_format=torch.channels_last)
+        example = example.contiguous(memory_format=torch.channels_last)
     calibration = load_calibration(args.calibration, shape[0]) if args.calibration else None
     if calibration is not None and dist.is_initialized():
         calibration = share_of_batches(calibration, dist.get_rank(), dist.get_world_size())

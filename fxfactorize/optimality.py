@@ -527,6 +527,18 @@ def _reference_layer(reference: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+def _uncheckable(name: str, moments: dict[str, InputMoments] | None, missed: str) -> Verdict | None:
+    """The verdict on a layer that is not the data-free ``missed`` when calibration cannot decide
+    (none given, or none reaches the layer); ``None`` when it can."""
+    if moments is None:
+        why = f"not the data-free {missed}; a calibrated layer needs calibration="
+        return Verdict(name, "unverifiable", why, needs_calibration=True)
+    if name not in moments:
+        why = f"not the data-free {missed}, and no calibration batch reaches the layer"
+        return Verdict(name, "unverifiable", why)
+    return None
+
+
 def _judge(
     name: str,
     layer: nn.Module,
@@ -556,12 +568,9 @@ def _judge(
     fits, detail, excess = _data_free(ref, cand, rank)
     if fits:
         return dataclasses.replace(verified, how="data-free", detail=detail)
-    if moments is None:
-        why = f"not the data-free optimum ({detail}); a calibrated layer needs calibration="
-        return Verdict(name, "unverifiable", why, needs_calibration=True)
-    if name not in moments:
-        why = f"not the data-free optimum ({detail}), and no calibration batch reaches the layer"
-        return Verdict(name, "unverifiable", why)
+    unchecked = _uncheckable(name, moments, f"optimum ({detail})")
+    if unchecked is not None:
+        return unchecked
     fits, cal_detail, cal_excess = _calibrated(ref, cand, rank, moments[name])
     if fits:
         return dataclasses.replace(verified, how="calibration", detail=cal_detail)
@@ -609,12 +618,9 @@ def _judge_structured(
     )
     if error <= allowed and not bias_differs:
         return dataclasses.replace(verified, how="data-free", detail=detail)
-    if moments is None:
-        why = f"not the data-free solution ({detail}); a calibrated layer needs calibration="
-        return Verdict(name, "unverifiable", why, needs_calibration=True)
-    if name not in moments:
-        why = f"not the data-free solution ({detail}), and no calibration batch reaches the layer"
-        return Verdict(name, "unverifiable", why)
+    unchecked = _uncheckable(name, moments, f"solution ({detail})")
+    if unchecked is not None:
+        return unchecked
     grouped = (ref.weight, ref.bias[0], weight.reshape(ref.weight.shape), bias)
     failures = []
     for how, stats in (("calibration", moments[name]), ("propagated calibration", None)):

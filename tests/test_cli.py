@@ -135,12 +135,25 @@ def test_main_job_plans_transforms_checks_and_times(capsys, tmp_path: Path) -> N
         (["plan", "--bogus"], "unrecognized arguments"),
         (["transform", *SMALL, "--out", ""], "--out must name a directory"),
         (["plan", "--min-features", "many"], "invalid int value"),
+        (["plan", *MODEL, "--input-shape", "2x64", "--channels-last"], "--channels-last needs"),
     ],
 )
 def test_usage_errors_exit_2(capsys, argv: list[str], message: str) -> None:
     code, _, err = run(capsys, *argv)
     assert code == 2
     assert message in err
+
+
+def test_channels_last_converts_the_model_and_its_example() -> None:
+    import torch
+
+    from fxfactorize.cli import _prepare, build_parser
+
+    for flag, expected in (([], False), (["--channels-last"], True)):
+        run = _prepare(build_parser().parse_args(["plan", *SMALL, *flag]))
+        conv = run.model[0].weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) is expected
+        assert run.example.is_contiguous() is not expected
 
 
 def test_failures_exit_1_with_one_line(capsys, tmp_path: Path) -> None:

@@ -275,3 +275,25 @@ def test_equivalence_check_verifies_and_catches_a_one_percent_fault(method, cali
             _fault(module)
     with pytest.raises(EquivalenceError):
         ff.check_equivalence(model, gm, x, calibration=batches, max_examples=3)
+
+
+@pytest.mark.parametrize("method", ["lowrank", "spatial", "tucker2"])
+def test_a_channels_last_model_gets_channels_last_replacements(method):
+    """A model moved to ``channels_last`` keeps it in every factor, and the same function."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3))
+    x = torch.randn(2, 16, 12, 12)
+    options = {"method": method, "cost_model": "macs", "min_channels": 1, "progress": False}
+    contiguous = ff.transform(model.eval(), x, latent_channels=8, **options)
+    model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    gm = ff.transform(model, x, latent_channels=8, **options)
+    factors = [
+        module.weight
+        for module in gm.modules()
+        if isinstance(module, nn.Conv2d) and module.weight.shape[-2:] != (1, 1)
+    ]
+    assert factors, "nothing was factorized"
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in factors)
+    assert not any(w.is_contiguous() for w in factors)
+    torch.testing.assert_close(gm(x), contiguous(x))

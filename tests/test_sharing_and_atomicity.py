@@ -246,6 +246,15 @@ def test_a_budget_that_cannot_be_met_is_in_the_report_and_warned():
     assert ff.plan(model, torch.randn(2, WIDTH), budget=0.01, **OPTIONS).warnings == [warning]
 
 
+def test_an_unmet_budget_names_the_layers_min_features_kept_out():
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 32))
+    plan = ff.plan(model, torch.randn(2, WIDTH), budget=0.1, **OPTIONS)
+    (warning,) = plan.warnings
+    assert "1 layer(s) below min_channels/min_features were not candidates (e.g. 2)" in warning
+    wider = ff.plan(model, torch.randn(2, WIDTH), budget=0.1, **{**OPTIONS, "min_features": 16})
+    assert wider.warnings == []
+
+
 @pytest.mark.parametrize("policy", [{"tolerance": 0.1}, {"budget": 0.5}])
 def test_nan_weights_with_an_error_policy_name_the_node(policy):
     model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 
 import torch
@@ -316,9 +317,20 @@ def _budget_warning(
     after = sum(_planned_cost(sites[r.target], r, cost_model) for r in records)
     if before <= 0 or after <= config.budget * before * (1 + 1e-9):
         return None
+    small = [
+        r.target
+        for r in records
+        if r.rank is None and r.reason and re.search(r"< min_(channels|features)=", r.reason)
+    ]
+    hint = (
+        f"; {len(small)} layer(s) below min_channels/min_features were not candidates "
+        f"(e.g. {small[0]}): lower those to let them share the budget"
+        if small
+        else ""
+    )
     return (
         f"budget={config.budget} cannot be met: the cheapest plan costs {after / before:.4g}× the "
-        f"original ({cost_model.name} cost model); the smallest candidate ranks are used"
+        f"original ({cost_model.name} cost model); the smallest candidate ranks are used{hint}"
     )
 
 

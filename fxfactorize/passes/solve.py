@@ -7,6 +7,7 @@ import functools
 import logging
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import fx, nn
 
 from fxfactorize.core.moments import InputMoments, Statistics
@@ -65,11 +66,23 @@ def solve_layer(
         raise ValueError(
             f"cannot factorize graph node {record.node!r} ({record.target}): {error}"
         ) from error
+    if _channels_last(module):  # keep the caller's memory format: a mixed one costs conversions
+        result.module.to(memory_format=torch.channels_last)
     if stats is not None and method.is_pair:
         result.shrinkage = alpha
         result.shrinkage_note = why
     log.debug("solved %s at rank %d: nmse %.3g", record.target, record.rank, result.nmse)
     return result
+
+
+def _channels_last(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.dim() == 4
+        and not weight.is_contiguous()
+        and weight.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 def solve_layers(
