@@ -1,5 +1,7 @@
 """The whole model's predicted latency (issue 17 item 1): arithmetic on injected timings."""
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -113,6 +115,20 @@ def test_hook_overhead_never_makes_the_untouched_part_negative():
     assert ff.costmodels.predict_latency(timing, {"a": 0.5, "b": 0.5}).predicted_s == pytest.approx(
         0.65
     )
+
+
+def test_time_model_stops_at_three_repeats_once_the_runs_took_long_enough():
+    calls = []
+
+    def run(pause: float) -> None:
+        calls.append(pause)
+        time.sleep(pause)
+
+    time_model(lambda: run(0.0), {}, repeats=5, warmup=1, enough_s=0.2)
+    assert len(calls) == 1 + 2 * 5  # fast: every repeat
+    calls.clear()
+    time_model(lambda: run(0.05), {}, repeats=5, warmup=1, enough_s=0.2)
+    assert len(calls) == 1 + 2 * 3  # 0.3 s after three repeats: the median of three
 
 
 def test_time_model_times_the_layers_inside_the_call():

@@ -104,8 +104,11 @@ def time_model(
     layers: Mapping[str, nn.Module],
     repeats: int = 5,
     warmup: int = 1,
+    enough_s: float = 10.0,
 ) -> ModelTiming:
-    """Median seconds of ``run()`` and of each of ``layers`` inside it, over ``repeats`` runs.
+    """Median seconds of ``run()`` and of each of ``layers`` inside it, over ``repeats`` runs
+    (3 once the timed runs have taken ``enough_s``: a slow model's samples are long, so fewer of
+    them settle the median, and each one costs seconds of the transform).
 
     Runs without hooks (the whole model's time) alternate with runs with them (each layer's time),
     so load on the machine hits both alike; everything runs under ``torch.no_grad``. A layer
@@ -120,7 +123,10 @@ def time_model(
     with torch.no_grad():
         for _ in range(warmup):
             run()
-        for _ in range(repeats):
+        began = time.perf_counter()
+        for done in range(repeats):
+            if done >= min(3, repeats) and time.perf_counter() - began > enough_s:
+                break
             _sync()
             start = time.perf_counter()
             run()
