@@ -8,7 +8,9 @@ if time were proportional to MACs. "realized ÷ limit" is the measured speedup d
 original timed once inside ``transform``, each planned layer at the cost model's ratio);
 "measured ratio" the interleaved medians' transformed ÷ original; "|pred−meas|/meas" the
 prediction's relative error (issue 17 target: ≤ 15 %). The prediction is of eager time: compiled
-rows compare it with a different execution.
+rows compare it with a different execution. "regenerated ÷ original" (eager rows) times the graph
+``transform`` returns with nothing factorized (``linears=False, convs=False``) in the same
+interleaved loop: the regenerated code's own cost, which no plan can remove.
 
     uv run python benchmarks/speed.py --quick            # wide MLP + resnet50 at batch 1, eager
     uv run python benchmarks/speed.py --device cuda --compile
@@ -81,21 +83,21 @@ def call(fn, x):
     return fn(**x) if isinstance(x, dict) else fn(x)
 
 
-def interleaved_medians(first, second, x, repeats: int, sync) -> tuple[float, float]:
-    """Median seconds of ``first(x)`` and ``second(x)``, alternating calls so load hits both."""
-    times: tuple[list[float], list[float]] = ([], [])
+def interleaved_medians(models, x, repeats: int, sync) -> list[float]:
+    """Median seconds of each of ``models`` on ``x``, calling them in turn so load hits all."""
+    times: list[list[float]] = [[] for _ in models]
     with torch.no_grad():
-        for fn in (first, second):  # warm-up (and compilation)
+        for fn in models:  # warm-up (and compilation)
             call(fn, x)
             call(fn, x)
         for _ in range(repeats):
-            for fn, samples in ((first, times[0]), (second, times[1])):
+            for fn, samples in zip(models, times, strict=True):
                 sync()
                 start = time.perf_counter()
                 call(fn, x)
                 sync()
                 samples.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(samples) for samples in times]
 
 
 def run(args: argparse.Namespace, threads: int) -> list[list[object]]:
@@ -130,11 +132,15 @@ def run(args: argparse.Namespace, threads: int) -> list[list[object]]:
             totals = report.totals()
             predicted = report.latency.ratio
             limit = totals["macs_before"] / totals["macs_after"]
-            modes = [("eager", model, gm)]
+            # the graph the pass returns with nothing factorized: its own cost, apart from the plan's
+            regenerated = ff.transform(
+                model, x, linears=False, convs=False, progress=False, predict_latency=False
+            )
+            modes = [("eager", [model, gm, regenerated])]
             if args.compile:
-                modes.append(("compile", torch.compile(model), torch.compile(gm)))
-            for mode, original, transformed in modes:
-                before, after = interleaved_medians(original, transformed, x, args.repeats, sync)
+                modes.append(("compile", [torch.compile(model), torch.compile(gm)]))
+            for mode, models in modes:
+                before, after, *graph = interleaved_medians(models, x, args.repeats, sync)
                 speedup = before / after
                 measured = after / before
                 rows.append(
@@ -152,6 +158,7 @@ def run(args: argparse.Namespace, threads: int) -> list[list[object]]:
                         f"{1 / limit:.3f}",
                         f"{limit:.2f}",
                         f"{speedup / limit:.2f}",
+                        f"{graph[0] / before:.3f}" if graph else "-",
                         f"{len(gm.meta['fxfactorize'].factorized)}",
                         f"{seconds:.1f}",
                     ]
@@ -174,6 +181,7 @@ HEADERS = [
     "MAC ratio",
     "MAC limit ×",
     "realized ÷ limit",
+    "regenerated ÷ original",
     "layers factorized",
     "transform s",
 ]

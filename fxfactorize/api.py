@@ -16,7 +16,12 @@ from fxfactorize.layers import layer_kind
 from fxfactorize.optimizers import as_optimizer_list, update_optimizers
 from fxfactorize.passes.calibrate import calibration_batches
 from fxfactorize.passes.distributed import process_group as group_of
-from fxfactorize.passes.latency import latency_of, time_original, wants_prediction
+from fxfactorize.passes.latency import (
+    latency_of,
+    small_gain_warning,
+    time_original,
+    wants_prediction,
+)
 from fxfactorize.passes.pipeline import Outcome, plan_regions, run_pipeline
 from fxfactorize.passes.regions import Region, regions_of
 from fxfactorize.passes.rewrite import has_submodule, install
@@ -81,7 +86,7 @@ def plan(
         names = [region.name for region in regions]
         the_plan = PartialPlan(the_plan.layers, config, names, untraced, the_plan.warnings)
     if timing is not None:
-        the_plan.latency = latency_of(timing, the_plan.layers)
+        _predict(the_plan, timing)
     return the_plan
 
 
@@ -170,7 +175,7 @@ def transform(
     result = regions[0].graph if untraced is None else working
     report = _report(outcome, config, regions, untraced)
     if timing is not None:
-        report.latency = latency_of(timing, report.layers)
+        _predict(report, timing)
     if batches is not None:
         report.calibration = "propagate_error" if config.propagate_error else "independent"
     replaced = {t: model.get_submodule(t) for t in outcome.solved if has_submodule(model, t)}
@@ -189,6 +194,14 @@ def transform(
     attach_report(result, report)
     publish(report, "" if untraced is None else f" (partial tracing: {len(regions)} regions)")
     return result
+
+
+def _predict(result: Plan | Report, timing: Any) -> None:
+    """Attach the whole model's predicted latency to ``result``, warning if the gain is small."""
+    result.latency = latency_of(timing, result.layers)
+    warning = small_gain_warning(result.latency, result.layers)
+    if warning is not None:
+        result.warnings.append(warning)
 
 
 def _heal_options(heal: Any, calibration: Any) -> dict[str, Any]:

@@ -109,6 +109,19 @@ def test_transform_report_carries_the_prediction_through_json():
     assert Plan.from_dict(ff.plan(mlp(), X).to_dict()).latency == report.latency
 
 
+def test_a_small_predicted_gain_is_warned_and_a_large_one_is_not():
+    set_model_timer(fixed_timer(100.0, {"0": 3.0, "2": 2.0}))  # 95 s outside the layers
+    with pytest.warns(ff.FactorizeWarning, match=r"predicted latency 0\.9\d\d× the whole model"):
+        gm = ff.transform(mlp(), X, progress=False)
+    (warning,) = gm.meta["fxfactorize"].warnings
+    assert ff.plan(mlp(), X).warnings == [warning]
+    assert "regenerated graph" in warning
+    set_model_timer(fixed_timer(10.0, {"0": 3.0, "2": 2.0}))  # the same layers, half the model
+    assert ff.plan(mlp(), X).warnings == []
+    set_model_timer(fixed_timer(100.0, {"0": 3.0, "2": 2.0}))
+    assert ff.plan(mlp(), X, linears=False).warnings == []  # nothing factorized: nothing to say
+
+
 def test_hook_overhead_never_makes_the_untouched_part_negative():
     timing = ModelTiming(1.0, {"a": 0.7, "b": 0.6})  # hooks made the layers look slower
     assert LatencyPrediction(1.0, 1.3, 0.65, 0.65).ratio == 0.65

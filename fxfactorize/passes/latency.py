@@ -28,7 +28,13 @@ from fxfactorize.costmodels.whole import (
 )
 from fxfactorize.report import LayerRecord
 
-__all__ = ["latency_of", "time_original", "wants_prediction"]
+__all__ = [
+    "REGENERATION_COST",
+    "latency_of",
+    "small_gain_warning",
+    "time_original",
+    "wants_prediction",
+]
 
 log = logging.getLogger("fxfactorize")
 
@@ -112,3 +118,31 @@ def latency_of(timing: ModelTiming, records: Iterable[LayerRecord]) -> LatencyPr
         if record.factorized and record.latency_ratio is not None
     }
     return predict_latency(timing, ratios)
+
+
+#: The whole-model gain below which a plan may not pay: the graph ``transform`` returns with
+#: nothing factorized ran 1.00-1.10x torchvision's own modules (``benchmarks/speed.py``,
+#: "regenerated ÷ original", 2-core CPU), a cost the per-layer prediction does not include.
+REGENERATION_COST = 0.05
+
+
+def small_gain_warning(prediction: LatencyPrediction, records: Iterable[LayerRecord]) -> str | None:
+    """A warning when layers are factorized but the whole model is predicted to gain less than
+    :data:`REGENERATION_COST` of its time, which the regenerated graph's own cost can cancel.
+
+    >>> record = LayerRecord("fc", "fc", "Linear", 512, 512, (), 1, 262144, 262656, rank=64)
+    >>> small_gain_warning(LatencyPrediction(1.0, 0.1, 0.08, 0.98), [record])[:35]
+    'predicted latency 0.980× the whole '
+    >>> small_gain_warning(LatencyPrediction(1.0, 0.5, 0.25, 0.75), [record]) is None
+    True
+    """
+    if not any(record.factorized for record in records):
+        return None
+    if prediction.ratio < 1 - REGENERATION_COST:
+        return None
+    return (
+        f"predicted latency {prediction.ratio:.3f}× the whole model's: a gain under "
+        f"{REGENERATION_COST:.0%}, which the regenerated graph's own cost (measured up to 10% on "
+        "torchvision models) can cancel; time the result (`fxfactorize bench`, or your own "
+        "benchmark) before counting on a speedup"
+    )
