@@ -66,7 +66,7 @@ def solve_layer(
         raise ValueError(
             f"cannot factorize graph node {record.node!r} ({record.target}): {error}"
         ) from error
-    if _channels_last(module):  # keep the caller's memory format: a mixed one costs conversions
+    if _channels_last(module):  # the format `model.to(memory_format=...)` gave every conv
         result.module.to(memory_format=torch.channels_last)
     if stats is not None and method.is_pair:
         result.shrinkage = alpha
