@@ -137,7 +137,7 @@ def test_time_model_stops_at_three_repeats_once_the_runs_took_long_enough():
         calls.append(pause)
         time.sleep(pause)
 
-    time_model(lambda: run(0.0), {}, repeats=5, warmup=1, enough_s=0.2)
+    time_model(lambda: run(0.0), {}, repeats=5, warmup=1, enough_s=5.0)
     assert len(calls) == 1 + 2 * 5  # fast: every repeat
     calls.clear()
     time_model(lambda: run(0.05), {}, repeats=5, warmup=1, enough_s=0.2)
