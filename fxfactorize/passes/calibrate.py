@@ -213,7 +213,10 @@ class MomentCollector(fx.Interpreter):
     @property
     def moments(self) -> dict[str, InputMoments]:
         """All rows' statistics per target (the folds summed)."""
-        return {target: sum_statistics(folds) for target, folds in self.folds.items()}
+        return {
+            target: sum_statistics(self._folds[source])
+            for target, source in self._summed_as().items()
+        }
 
 
 def _node_of(gm: fx.GraphModule, target: str) -> str:
@@ -300,8 +303,9 @@ def calibrate(
             name_of=lambda target: f"graph node {_node_of(gm, target)!r} ({target})",
             progress=progress,
         )
-    log.debug("calibrated %d layer(s) over %d batch(es)", len(collector.moments), seen)
-    return collector.moments
+    moments = collector.moments
+    log.debug("calibrated %d layer(s) over %d batch(es)", len(moments), seen)
+    return moments
 
 
 def calibration_batches(batches: Any) -> Iterable[Any]:

@@ -170,9 +170,7 @@ class _PausedRun:
             if not self._abort:
                 with torch.no_grad():  # grad mode is per thread
                     run(batch)
-        except _Aborted:
-            pass
-        except BaseException:  # the run ends here; the caller re-runs the batch, which reports it
+        except BaseException:  # _Aborted, or an error: the caller re-runs the batch and reports it
             pass
         finally:
             self.finished, self.paused_at = True, None
